@@ -1,0 +1,38 @@
+"""lmd_lightning: training-time low-rank compression by Layer Matrix Decomposition.
+
+Dense Linear and Conv2d layers are truncated by SVD (Eckart–Young) once training has
+converged, swapped for factored U·S·Vᵀ modules, and fine-tuned.
+"""
+
+from lmd_lightning.compress import compress_, restore_factored_
+from lmd_lightning.factored import FactoredLinear
+from lmd_lightning.factored_conv import FactoredConv2d
+from lmd_lightning.policies import (
+    EffectiveRank,
+    EnergyRank,
+    ErrorBound,
+    FixedRank,
+    GlobalBudget,
+    RankPolicy,
+    RankRatio,
+)
+from lmd_lightning.report import CompressionReport, LayerReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressionReport",
+    "EffectiveRank",
+    "EnergyRank",
+    "ErrorBound",
+    "FactoredConv2d",
+    "FactoredLinear",
+    "FixedRank",
+    "GlobalBudget",
+    "LayerReport",
+    "RankPolicy",
+    "RankRatio",
+    "__version__",
+    "compress_",
+    "restore_factored_",
+]

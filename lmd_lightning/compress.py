@@ -1,0 +1,234 @@
+"""compress_ and restore_factored_: the functional core. Works with no Lightning at all.
+
+`compress_` runs in two phases so that a failure can never leave a half-swapped model:
+1. plan: read every targeted weight, compute spectra, choose ranks, compute all factors;
+   non-finite weights raise here, before anything has changed;
+2. apply: swap the new modules in (and shrink already-factored ones).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lmd_lightning.factored import PARAMETRIZATIONS, FactoredLinear, FactoredModule, _copy_requires_grad
+from lmd_lightning.factored_conv import FactoredConv2d, conv_matrix
+from lmd_lightning.policies import LayerSpectrum, RankPolicy
+from lmd_lightning.report import CompressionReport, LayerReport
+from lmd_lightning.svd import METHODS, Factors, SVDFailedError, check_finite, singular_values, truncated_svd
+from lmd_lightning.targets import FilterFn, Patterns, Target, disable_fused_fast_paths, find_targets, swap_module
+
+__all__ = ["compress_", "restore_factored_"]
+
+log = logging.getLogger("lmd_lightning")
+
+
+@dataclass
+class _Plan:
+    """Phase-1 result for one layer: its report and, if it changes, the factors to apply."""
+
+    target: Target
+    report: LayerReport
+    matrix: Tensor | None = None  # (out, fan_in), dense layers only
+    spectrum: LayerSpectrum | None = None
+    factors: Factors | None = None
+
+
+def _param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def _start_plan(target: Target) -> _Plan:
+    module = target.module
+    if isinstance(module, FactoredModule):
+        out_dim, fan_in, rank = module.U.shape[0], module.V.shape[0], module.rank
+        shape = (out_dim, module.in_features) if isinstance(module, FactoredLinear) else (
+            out_dim, module.in_channels, *module.kernel_size)
+        matrix, macs = None, rank * (out_dim + fan_in)
+    else:
+        shape, rank = tuple(module.weight.shape), None
+        matrix = conv_matrix(module.weight.detach())  # (out, fan_in); a no-op reshape for Linear
+        out_dim, fan_in = matrix.shape
+        macs = out_dim * fan_in
+    params = _param_count(module)
+    report = LayerReport(
+        name=target.name, kind=type(module).__name__, shape=shape, full_rank=min(out_dim, fan_in),
+        rank_before=rank, rank=rank, params_before=params, params_after=params,
+        macs_before=macs, macs_after=macs, reason=target.skip_reason,
+    )
+    return _Plan(target, report, matrix)
+
+
+def _spectrum(plan: _Plan, needs_spectrum: bool) -> LayerSpectrum | None:
+    """The policy's view of one layer; None (layer left dense) when its SVD fails."""
+    module, report = plan.target.module, plan.report
+    s = None
+    if needs_spectrum:
+        try:
+            s = module.singular_values() if plan.matrix is None else singular_values(plan.matrix, report.name)
+        except SVDFailedError as err:
+            _leave_dense(report, f"SVD failed: {err}")
+            return None
+    out_dim, fan_in = (module.U.shape[0], module.V.shape[0]) if plan.matrix is None else plan.matrix.shape
+    max_rank = module.rank if plan.matrix is None else min(out_dim, fan_in)
+    bias = 0 if module.bias is None else module.bias.numel()
+    return LayerSpectrum(report.name, (out_dim, fan_in), s, max_rank, out_dim + fan_in, report.macs_before, bias)
+
+
+def _leave_dense(report: LayerReport, reason: str) -> None:
+    report.reason = reason
+    warnings.warn(f"lmd_lightning: layer `{report.name}` left unchanged: {reason}")
+
+
+def _plan_factors(plan: _Plan, rank: int, method: str) -> None:
+    """Decide one layer from its chosen rank and compute its factors (nothing applied yet)."""
+    report, spectrum, module = plan.report, plan.spectrum, plan.target.module
+    out_dim, fan_in = spectrum.shape
+    if plan.matrix is None and rank >= module.rank:
+        report.reason = f"already factored at rank {module.rank} <= chosen {rank}"
+        return
+    if plan.matrix is not None and rank * (out_dim + fan_in) >= out_dim * fan_in:
+        report.reason = f"rank {rank} does not save: break-even is r < m·n/(m+n) = {out_dim * fan_in / (out_dim + fan_in):.1f}"
+        return
+    try:
+        if plan.matrix is None:
+            factors = module.truncated_factors(rank)
+        else:
+            factors = truncated_svd(plan.matrix, rank, method=method, spectrum=spectrum.s, name=report.name)
+    except SVDFailedError as err:
+        _leave_dense(report, f"SVD failed: {err}")
+        return
+    plan.factors = factors
+    report.rank, report.method = rank, factors.method
+    report.relative_error, report.energy = factors.relative_error, factors.energy
+    report.macs_after = rank * (out_dim + fan_in)
+
+
+def _apply(model: nn.Module, plan: _Plan, parametrization: str) -> None:
+    module, factors = plan.target.module, plan.factors
+    if isinstance(module, FactoredModule):
+        module.load_factors_(factors)
+        plan.report.params_after = _param_count(module)
+        return
+    bias = None if module.bias is None else module.bias.detach()
+    if isinstance(module, nn.Conv2d):
+        new = FactoredConv2d.from_factors(factors, module, bias, parametrization)
+    else:
+        new = FactoredLinear.from_factors(factors, bias, parametrization)
+    new = new.to(device=module.weight.device, dtype=module.weight.dtype)
+    _copy_requires_grad(module, new)
+    swap_module(model, module, new)
+    plan.report.params_after = _param_count(new)
+
+
+def _validate(model: nn.Module, policy: RankPolicy, parametrization: str, method: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(policy, RankPolicy):
+        raise TypeError(
+            f"`policy` must be a RankPolicy (FixedRank, RankRatio, EnergyRank, ErrorBound, EffectiveRank, "
+            f"GlobalBudget), got {policy!r}"
+        )
+    if parametrization not in PARAMETRIZATIONS:
+        raise ValueError(f"`parametrization` must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+
+
+@torch.no_grad()
+def compress_(
+    model: nn.Module,
+    policy: RankPolicy,
+    *,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    filter_fn: FilterFn | None = None,
+    parametrization: str = "balanced",
+    method: str = "auto",
+) -> CompressionReport:
+    """Truncate the model's Linear and Conv2d layers by SVD in place, with ranks from `policy`.
+
+    `include`/`exclude` are globs over fully-qualified module names (`"encoder.*"`);
+    `filter_fn(name, module)` can veto a layer. Already-factored layers are shrunk, never grown.
+    Returns a CompressionReport; every layer left dense carries its reason.
+    """
+    _validate(model, policy, parametrization, method)
+    params_before = sum(p.numel() for p in model.parameters())
+    plans = [_start_plan(target) for target in find_targets(model, include, exclude, filter_fn)]
+    active = [plan for plan in plans if plan.report.reason is None]
+    for plan in active:
+        check_finite(plan.target.module.U if plan.matrix is None else plan.matrix, plan.report.name)
+    for plan in active:
+        plan.spectrum = _spectrum(plan, policy.needs_spectrum)
+    active = [plan for plan in active if plan.spectrum is not None]
+    for plan, rank in zip(active, policy.choose([plan.spectrum for plan in active])):
+        _plan_factors(plan, rank, method)
+    for plan in active:
+        if plan.factors is not None:
+            _apply(model, plan, parametrization)
+    notes = [f"fused fast path disabled in `{name}`" for name in disable_fused_fast_paths(model)]
+    report = CompressionReport([plan.report for plan in plans], params_before, sum(p.numel() for p in model.parameters()), repr(policy), notes)
+    for layer in report.dense:
+        log.info("lmd_lightning: `%s` unchanged: %s", layer.name, layer.reason)
+    return report
+
+
+def _rebuilt(module: nn.Module, prefix: str, state_dict: Mapping[str, Tensor]) -> nn.Module | None:
+    """An empty factored layer shaped like the checkpoint's entry at `prefix`, or None if already right."""
+    U, V = state_dict[prefix + "U"], state_dict[prefix + "V"]  # (out, r), (fan_in, r)
+    rank, has_bias = U.shape[1], prefix + "bias" in state_dict
+    parametrization = "svd" if prefix + "s" in state_dict else "balanced"
+    like = module.U if isinstance(module, FactoredModule) else module.weight
+    if isinstance(module, FactoredModule) and (module.rank, module.bias is not None, module.parametrization) == (
+        rank, has_bias, parametrization):
+        return None
+    kw = {"device": like.device, "dtype": like.dtype}
+    if isinstance(module, (nn.Linear, FactoredLinear)):
+        expected = (module.out_features, module.in_features)
+    else:
+        expected = (module.out_channels, module.in_channels * module.kernel_size[0] * module.kernel_size[1])
+    if (U.shape[0], V.shape[0]) != expected or V.shape[1] != rank:
+        raise ValueError(
+            f"state dict entry `{prefix}U`{tuple(U.shape)} / `{prefix}V`{tuple(V.shape)} does not fit "
+            f"layer `{prefix[:-1]}` with (out, fan_in) = {expected}"
+        )
+    if isinstance(module, (nn.Linear, FactoredLinear)):
+        return FactoredLinear(module.in_features, module.out_features, rank, has_bias, parametrization, **kw)
+    return FactoredConv2d(
+        module.in_channels, module.out_channels, module.kernel_size, rank, module.stride,
+        module.padding, module.dilation, has_bias, module.padding_mode, parametrization, **kw,
+    )
+
+
+@torch.no_grad()
+def restore_factored_(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
+    """Rebuild the factored structure recorded in `state_dict` so a strict load_state_dict works.
+
+    Every `<name>.U` / `<name>.V` pair whose `<name>` is a Linear, Conv2d or factored layer in
+    `model` gets a factored layer of the checkpoint's rank and parametrization (values are
+    placeholders until `load_state_dict`). Returns the names of the layers rebuilt.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"`state_dict` must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    modules = dict(model.named_modules())
+    rebuilt = []
+    for key in state_dict:
+        prefix = key[: -len("U")]
+        if not key.endswith(".U") or prefix + "V" not in state_dict:
+            continue
+        module = modules.get(prefix[:-1])
+        if not isinstance(module, (nn.Linear, nn.Conv2d, FactoredModule)):
+            continue
+        new = _rebuilt(module, prefix, state_dict)
+        if new is not None:
+            swap_module(model, module, new)
+            rebuilt.append(prefix[:-1])
+    disable_fused_fast_paths(model)
+    return rebuilt

@@ -1,0 +1,213 @@
+"""Factored layers: W = U·diag(s)·Vᵀ held as thin factors, never as the dense matrix.
+
+Two ways to hold the factors (`parametrization`):
+- "balanced" (default): U·√s and V·√s as the parameters `U` and `V`, no `s`. Both factors
+  carry the same scale, so they train stably at the dense model's learning rate
+  (Pufferfish, Cuttlefish; measured in benchmarks/results/parametrization.md).
+- "svd": orthonormal `U`, `V` and the spectrum `s` as three parameters (LMD Eq. 2).
+Either way `singular_values()` returns the current spectrum exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmd_lightning.svd import Factors, compute_dtype, eckart_young_error, truncated_svd
+
+__all__ = ["FactoredLinear", "FactoredModule", "PARAMETRIZATIONS"]
+
+Parametrization = Literal["balanced", "svd"]
+PARAMETRIZATIONS = ("balanced", "svd")
+
+
+def _check_parametrization(parametrization: str) -> None:
+    if parametrization not in PARAMETRIZATIONS:
+        raise ValueError(f"`parametrization` must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
+
+
+def _check_rank(rank: int, out_dim: int, fan_in: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(out_dim, fan_in):
+        raise ValueError(f"`rank` must be an int in [1, {min(out_dim, fan_in)}] for a ({out_dim}, {fan_in}) weight, got {rank!r}")
+
+
+class FactoredModule(nn.Module):
+    """Shared mechanics of FactoredLinear and FactoredConv2d over the (out, fan_in) matrix."""
+
+    U: nn.Parameter  # (out, r)
+    V: nn.Parameter  # (fan_in, r)
+    s: nn.Parameter | None  # (r,), only with parametrization="svd"
+    bias: nn.Parameter | None  # (out,)
+
+    def _init_parameters(
+        self, out_dim: int, fan_in: int, rank: int, bias: bool, parametrization: str, device, dtype
+    ) -> None:
+        _check_parametrization(parametrization)
+        _check_rank(rank, out_dim, fan_in)
+        self.parametrization = parametrization
+        kw = {"device": device, "dtype": dtype}
+        self.U = nn.Parameter(torch.empty(out_dim, rank, **kw))
+        self.V = nn.Parameter(torch.empty(fan_in, rank, **kw))
+        self.s = nn.Parameter(torch.empty(rank, **kw)) if parametrization == "svd" else None
+        self.bias = nn.Parameter(torch.empty(out_dim, **kw)) if bias else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random factors whose product has nn.Linear's default weight variance 1/(3·fan_in)."""
+        fan_in, rank = self.V.shape
+        std = (1.0 / (3.0 * fan_in * rank)) ** 0.25
+        nn.init.normal_(self.U, std=std)
+        nn.init.normal_(self.V, std=std)
+        if self.s is not None:
+            nn.init.ones_(self.s)
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    def scaled_U(self) -> Tensor:
+        """U·diag(s) (out, r): the left factor with the spectrum folded in."""
+        return self.U if self.s is None else self.U * self.s
+
+    def dense_weight(self) -> Tensor:
+        """The (out, fan_in) product U·diag(s)·Vᵀ. For export and checks, not for forward."""
+        return self.scaled_U() @ self.V.mT
+
+    @torch.no_grad()
+    def canonical_factors(self) -> Factors:
+        """The exact SVD of the current product, from QR of both factors and an SVD of the r×r core."""
+        work = compute_dtype(self.U.dtype)
+        Qu, Ru = torch.linalg.qr(self.scaled_U().to(work))  # (out, r), (r, r)
+        Qv, Rv = torch.linalg.qr(self.V.to(work))  # (fan_in, r), (r, r)
+        P, sigma, Qh = torch.linalg.svd(Ru @ Rv.mT)  # core (r, r) = P·diag(σ)·Qh
+        norm = float(torch.linalg.vector_norm(sigma))
+        return Factors(U=Qu @ P, s=sigma, V=Qv @ Qh.mT, error=0.0, norm=norm, method="exact")
+
+    def singular_values(self) -> Tensor:
+        """The current spectrum σ₁ ≥ … ≥ σ_r of U·diag(s)·Vᵀ (float32, or float64 for float64 layers)."""
+        return self.canonical_factors().s
+
+    def truncated_factors(self, new_rank: int) -> Factors:
+        """Eckart–Young truncation of the current product to `new_rank`, not yet applied."""
+        if isinstance(new_rank, bool) or not isinstance(new_rank, int) or not 1 <= new_rank <= self.rank:
+            raise ValueError(f"`new_rank` must be an int in [1, {self.rank}] (the current rank), got {new_rank!r}")
+        full = self.canonical_factors()
+        return Factors(
+            U=full.U[:, :new_rank],
+            s=full.s[:new_rank],
+            V=full.V[:, :new_rank],
+            error=eckart_young_error(full.s, new_rank),
+            norm=full.norm,
+            method="exact",
+        )
+
+    def truncate_(self, new_rank: int) -> FactoredModule:
+        """Shrink in place to the best rank-`new_rank` approximation of the current product.
+
+        The factors become new Parameter objects: rebuild any optimizer that held the old ones.
+        """
+        return self.load_factors_(self.truncated_factors(new_rank))
+
+    @torch.no_grad()
+    def load_factors_(self, factors: Factors) -> FactoredModule:
+        """Replace U, (s,) V by `factors` (orthonormal U, V; s descending), in this layer's layout."""
+        out_dim, fan_in = self.U.shape[0], self.V.shape[0]
+        if factors.U.shape[0] != out_dim or factors.V.shape[0] != fan_in:
+            raise ValueError(
+                f"factors of shape U{tuple(factors.U.shape)}, V{tuple(factors.V.shape)} do not fit "
+                f"a layer with out={out_dim}, fan_in={fan_in}"
+            )
+        requires_grad, like = self.U.requires_grad, self.U
+        if self.parametrization == "balanced":
+            root = factors.s.clamp_min(0).sqrt()
+            tensors = {"U": factors.U * root, "V": factors.V * root}
+        else:
+            tensors = {"U": factors.U, "s": factors.s, "V": factors.V}
+        for key, value in tensors.items():
+            value = value.to(device=like.device, dtype=like.dtype).contiguous()
+            setattr(self, key, nn.Parameter(value, requires_grad=requires_grad))
+        return self
+
+    def _common_repr(self) -> str:
+        return f"rank={self.rank}, bias={self.bias is not None}, parametrization={self.parametrization}"
+
+
+def _check_type(obj: object, expected: type, arg: str) -> None:
+    if type(obj) is not expected:
+        raise TypeError(f"`{arg}` must be a {expected.__module__}.{expected.__name__}, got {type(obj).__name__}")
+
+
+class FactoredLinear(FactoredModule):
+    """y = x·V·diag(s)·Uᵀ + b as two thin matmuls: (B, in) → (B, r) → (B, out)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        parametrization: Parametrization = "balanced",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self._init_parameters(out_features, in_features, rank, bias, parametrization, device, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = F.linear(x, self.V.mT)  # (..., r)
+        return F.linear(z, self.scaled_U(), self.bias)  # (..., out)
+
+    @classmethod
+    def from_factors(
+        cls, factors: Factors, bias: Tensor | None = None, parametrization: Parametrization = "balanced"
+    ) -> FactoredLinear:
+        """A layer holding `factors` (and a copy of `bias`), on their device and in their dtype."""
+        (out_features, rank), in_features = factors.U.shape, factors.V.shape[0]
+        layer = cls(in_features, out_features, rank, bias is not None, parametrization, factors.U.device, factors.U.dtype)
+        layer.load_factors_(factors)
+        if bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(bias)
+        return layer
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, rank: int, parametrization: Parametrization = "balanced", method: str = "auto"
+    ) -> FactoredLinear:
+        """The best rank-`rank` factored copy of `linear` (Eckart–Young), same device, dtype, requires_grad."""
+        _check_type(linear, nn.Linear, "linear")
+        _check_rank(rank, linear.out_features, linear.in_features)
+        factors = truncated_svd(linear.weight.detach(), rank, method=method)
+        layer = cls.from_factors(factors, linear.bias.detach() if linear.bias is not None else None, parametrization)
+        _copy_requires_grad(linear, layer)
+        return layer
+
+    def to_linear(self) -> nn.Linear:
+        """A dense nn.Linear computing the same map (weight = U·diag(s)·Vᵀ)."""
+        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None, self.U.device, self.U.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        _copy_requires_grad(self, dense)
+        return dense
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self._common_repr()}"
+
+
+def _copy_requires_grad(src: nn.Module, dst: nn.Module) -> None:
+    """The weight's flag goes to the weight or to all factors; the bias keeps its own."""
+    weight_grad = (src.weight if hasattr(src, "weight") else src.U).requires_grad
+    for name, param in dst.named_parameters(recurse=False):
+        param.requires_grad_(src.bias.requires_grad if name == "bias" else weight_grad)

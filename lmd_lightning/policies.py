@@ -1,0 +1,230 @@
+"""Rank policies: rules over a layer's singular spectrum (LMD.md section 2).
+
+A policy sees every targeted layer at once as a `LayerSpectrum` and returns one rank per
+layer. Per-layer policies implement `rank_for`; `GlobalBudget` spends a budget across
+layers. All honour `min_rank`/`max_rank`; the break-even guard (factor only when
+r·(m+n) < m·n) is applied by `compress_` for every policy alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EffectiveRank",
+    "EnergyRank",
+    "ErrorBound",
+    "FixedRank",
+    "GlobalBudget",
+    "LayerSpectrum",
+    "RankPolicy",
+    "RankRatio",
+]
+
+
+@dataclass(frozen=True)
+class LayerSpectrum:
+    """What a policy knows about one layer, seen as the matrix (out, fan_in)."""
+
+    name: str
+    shape: tuple[int, int]  # (out, fan_in)
+    s: Tensor | None  # exact spectrum, descending; None when the policy does not need it
+    max_rank: int  # min(out, fan_in) for a dense layer, the current rank for a factored one
+    cost_per_rank: int  # parameters or multiply-adds that one unit of rank costs: out + fan_in
+    cost_now: int  # what the layer costs now (dense m·n, or r·(m+n) when already factored)
+    fixed_cost: int = 0  # cost that does not depend on rank (the bias, for parameter budgets)
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.shape)
+
+    def cost_at(self, rank: int) -> int:
+        """Cost after truncation to `rank`; a rank that does not save stays at today's cost."""
+        return self.fixed_cost + min(self.cost_now, rank * self.cost_per_rank)
+
+
+def _check_int(value: object, arg: str, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{arg}` must be an int >= {low}, got {value!r}")
+
+
+def _check_open_unit(value: object, arg: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(f"`{arg}` must be a float in (0, 1), got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankPolicy:
+    """Base of all policies. `min_rank` ≤ chosen rank ≤ `max_rank` (None: no upper bound)."""
+
+    min_rank: int = 1  # never truncate below this rank
+    max_rank: int | None = None  # never keep more than this rank
+
+    needs_spectrum: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_int(self.min_rank, "min_rank", 1)
+        if self.max_rank is not None:
+            _check_int(self.max_rank, "max_rank", 1)
+            if self.max_rank < self.min_rank:
+                raise ValueError(f"`max_rank` ({self.max_rank}) must be >= `min_rank` ({self.min_rank})")
+
+    def choose(self, layers: Sequence[LayerSpectrum]) -> list[int]:
+        """One rank per layer, clamped to [min_rank, max_rank] and to the layer's own maximum."""
+        return [self.clamp(self.rank_for(layer), layer) for layer in layers]
+
+    def rank_for(self, layer: LayerSpectrum) -> int:
+        raise NotImplementedError(f"{type(self).__name__} must implement rank_for or choose")
+
+    def clamp(self, rank: int, layer: LayerSpectrum) -> int:
+        upper = layer.max_rank if self.max_rank is None else min(self.max_rank, layer.max_rank)
+        return max(min(rank, upper), min(self.min_rank, layer.max_rank))
+
+
+@dataclass(frozen=True)
+class FixedRank(RankPolicy):
+    """The same rank r for every layer (capped at each layer's full rank)."""
+
+    rank: int  # the rank to keep
+
+    needs_spectrum: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        _check_int(self.rank, "rank", 1)
+        super().__post_init__()
+
+    def rank_for(self, layer: LayerSpectrum) -> int:
+        return self.rank
+
+
+@dataclass(frozen=True)
+class RankRatio(RankPolicy):
+    """r = round(ratio · min(m, n)), at least 1: a fixed fraction of each layer's full rank."""
+
+    ratio: float  # fraction of full rank to keep, in (0, 1)
+
+    needs_spectrum: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        _check_open_unit(self.ratio, "ratio")
+        super().__post_init__()
+
+    def rank_for(self, layer: LayerSpectrum) -> int:
+        return max(1, round(self.ratio * layer.full_rank))
+
+
+def _smallest_rank_keeping(s: Tensor, energy: float) -> int:
+    """Smallest r with Σ_{i≤r} σᵢ² / Σ σᵢ² ≥ energy."""
+    s2 = s.double().square()
+    total = float(s2.sum())
+    if total == 0.0:
+        return 1
+    kept = torch.cumsum(s2, 0) / total
+    # searchsorted finds the first index whose cumulative share reaches `energy`.
+    index = int(torch.searchsorted(kept, torch.tensor([energy - 1e-12], dtype=kept.dtype)))
+    return min(index + 1, s.numel())
+
+
+@dataclass(frozen=True)
+class EnergyRank(RankPolicy):
+    """Smallest r keeping Σ_{i≤r} σᵢ² / Σ σᵢ² ≥ energy."""
+
+    energy: float  # share of ‖W‖_F² to keep, in (0, 1)
+
+    def __post_init__(self) -> None:
+        _check_open_unit(self.energy, "energy")
+        super().__post_init__()
+
+    def rank_for(self, layer: LayerSpectrum) -> int:
+        return _smallest_rank_keeping(layer.s, self.energy)
+
+
+@dataclass(frozen=True)
+class ErrorBound(RankPolicy):
+    """Smallest r with ‖W − W_r‖_F ≤ eps·‖W‖_F: the margin of error ε of LMD Theorem 1."""
+
+    eps: float  # relative Frobenius error allowed, in (0, 1)
+
+    def __post_init__(self) -> None:
+        _check_open_unit(self.eps, "eps")
+        super().__post_init__()
+
+    def rank_for(self, layer: LayerSpectrum) -> int:
+        # ‖W − W_r‖² / ‖W‖² = 1 − energy kept, so the bound is an energy of 1 − eps².
+        return _smallest_rank_keeping(layer.s, 1.0 - self.eps**2)
+
+
+@dataclass(frozen=True)
+class EffectiveRank(RankPolicy):
+    """r = ⌈exp(H(p))⌉ with pᵢ = σᵢ/Σσ: the entropy effective rank (Roy & Vetterli 2007)."""
+
+    def rank_for(self, layer: LayerSpectrum) -> int:
+        s = layer.s.double()
+        total = float(s.sum())
+        if total == 0.0:
+            return 1
+        p = s[s > 0] / total
+        erank = math.exp(float(-(p * p.log()).sum()))
+        return max(1, math.ceil(erank - 1e-9))
+
+
+@dataclass(frozen=True)
+class GlobalBudget(RankPolicy):
+    """Keep at most a fraction of the targeted layers' parameters (or multiply-adds) in total.
+
+    Give exactly one of `params` or `flops`, in (0, 1): `params=0.2` means 5× smaller.
+    Singular values are dropped across all layers in order of least added relative error
+    σᵢ²/‖W‖_F² per unit of cost saved, as long as the total stays above the budget.
+    """
+
+    params: float | None = None  # fraction of parameters to keep
+    flops: float | None = None  # fraction of multiply-adds to keep
+
+    def __post_init__(self) -> None:
+        if (self.params is None) == (self.flops is None):
+            raise ValueError(f"give exactly one of `params` or `flops`, got params={self.params!r}, flops={self.flops!r}")
+        _check_open_unit(self.fraction, "params" if self.params is not None else "flops")
+        super().__post_init__()
+
+    @property
+    def fraction(self) -> float:
+        return self.params if self.params is not None else self.flops
+
+    @property
+    def kind(self) -> str:
+        return "params" if self.params is not None else "flops"
+
+    def choose(self, layers: Sequence[LayerSpectrum]) -> list[int]:
+        if not layers:
+            return []
+        budget = self.fraction * sum(layer.cost_at(layer.max_rank) for layer in layers)
+        # score (layer i, value j) = σ_ij² / (‖W_i‖² · cost per rank of i); keep scores above τ.
+        scores = [self._scores(layer) for layer in layers]
+        thresholds = torch.cat(scores).sort().values
+        lo, hi = 0, thresholds.numel()  # hi: drop everything down to min_rank
+        while lo < hi:  # smallest threshold index whose total fits the budget
+            mid = (lo + hi) // 2
+            if self._total(layers, scores, float(thresholds[mid])) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        tau = float(thresholds[lo]) if lo < thresholds.numel() else math.inf
+        return self._ranks(layers, scores, tau)
+
+    @staticmethod
+    def _scores(layer: LayerSpectrum) -> Tensor:
+        s2 = layer.s.double().square()[: layer.max_rank]
+        total = float(s2.sum()) or 1.0
+        return s2 / (total * layer.cost_per_rank)
+
+    def _ranks(self, layers: Sequence[LayerSpectrum], scores: Sequence[Tensor], tau: float) -> list[int]:
+        return [self.clamp(int((score > tau).sum()), layer) for layer, score in zip(layers, scores)]
+
+    def _total(self, layers: Sequence[LayerSpectrum], scores: Sequence[Tensor], tau: float) -> float:
+        return sum(layer.cost_at(rank) for layer, rank in zip(layers, self._ranks(layers, scores, tau)))

@@ -1,0 +1,124 @@
+"""Which layers `compress_` may touch, and the module swap itself.
+
+A candidate is an nn.Linear or nn.Conv2d (exact type) or an already-factored layer.
+Some are found but must stay dense, each with a reason:
+- children of nn.MultiheadAttention, which reads `out_proj.weight` directly;
+- subclasses of nn.Linear / nn.Conv2d, which may rely on `.weight`, unless included by exact name;
+- grouped or depthwise convs, and layers whose parameters are not materialised yet.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+from torch.nn.parameter import UninitializedParameter
+
+from lmd_lightning.factored import FactoredModule
+
+__all__ = ["Target", "disable_fused_fast_paths", "find_targets", "module_names", "swap_module"]
+
+Patterns = str | Sequence[str] | None
+FilterFn = Callable[[str, nn.Module], bool]
+
+
+@dataclass
+class Target:
+    name: str
+    module: nn.Module
+    skip_reason: str | None = None
+
+
+def _as_patterns(patterns: Patterns, arg: str) -> list[str] | None:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        return [patterns]
+    if isinstance(patterns, Sequence) and all(isinstance(p, str) for p in patterns) and patterns:
+        return list(patterns)
+    raise TypeError(f"`{arg}` must be a glob string or a non-empty list of them, got {patterns!r}")
+
+
+def _is_candidate(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv2d, FactoredModule))
+
+
+def _skip_reason(name: str, module: nn.Module, parent: nn.Module | None, include: list[str] | None) -> str | None:
+    if isinstance(parent, nn.MultiheadAttention):
+        return "nn.MultiheadAttention reads this layer's .weight directly"
+    if any(isinstance(p, UninitializedParameter) for p in module.parameters(recurse=False)):
+        return "parameters not initialised yet (lazy module)"
+    if isinstance(module, FactoredModule):
+        return None
+    if type(module) not in (nn.Linear, nn.Conv2d) and name not in (include or []):
+        return f"subclass {type(module).__name__} may read .weight; include it by its exact name to compress it"
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return f"grouped conv (groups={module.groups}) stays dense"
+    return None
+
+
+def _check_matches(patterns: list[str] | None, names: list[str], arg: str) -> None:
+    for pattern in patterns or []:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ValueError(f"`{arg}` pattern {pattern!r} matches no Linear/Conv2d layer; candidates are: {names}")
+
+
+def find_targets(model: nn.Module, include: Patterns, exclude: Patterns, filter_fn: FilterFn | None) -> list[Target]:
+    """Candidate layers that pass `include`, `exclude` and `filter_fn`, each with its skip reason."""
+    include_list, exclude_list = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"`filter_fn` must be callable as filter_fn(name, module) -> bool, got {filter_fn!r}")
+    if _is_candidate(model):
+        raise TypeError(f"`model` is itself a {type(model).__name__}; wrap it in a container or use from_linear/from_conv2d")
+    parents = {id(child): module for module in model.modules() for child in module.children()}
+    found = [(name, module) for name, module in model.named_modules() if _is_candidate(module)]
+    names = [name for name, _ in found]
+    _check_matches(include_list, names, "include")
+    _check_matches(exclude_list, names, "exclude")
+    targets = []
+    for name, module in found:
+        if include_list is not None and not any(fnmatch.fnmatchcase(name, p) for p in include_list):
+            continue
+        if exclude_list is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude_list):
+            continue
+        if filter_fn is not None and not filter_fn(name, module):
+            continue
+        targets.append(Target(name, module, _skip_reason(name, module, parents.get(id(module)), include_list)))
+    return targets
+
+
+def module_names(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every name under which `module` is registered (a shared module has several)."""
+    return [name for name, m in model.named_modules(remove_duplicate=False) if m is module]
+
+
+def swap_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Replace every registration of `old` by `new` through setattr on its parents."""
+    new.train(old.training)
+    for name in module_names(model, old):
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, new)
+
+
+def disable_fused_fast_paths(model: nn.Module) -> list[str]:
+    """Turn off the fused inference kernels that read `linear1.weight`/`linear2.weight`.
+
+    nn.TransformerEncoderLayer (and nn.TransformerEncoder's nested-tensor path) pass the
+    dense weights of their feed-forward layers to one fused kernel in eval mode. Once those
+    layers are factored there is no dense weight, so the layer must take its regular path.
+    """
+    changed = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            factored = isinstance(module.linear1, FactoredModule) or isinstance(module.linear2, FactoredModule)
+            if factored and module.activation_relu_or_gelu:
+                module.activation_relu_or_gelu = 0  # the flag the fast-path check reads
+                changed.append(name)
+        if isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False):
+            if any(isinstance(m, FactoredModule) for m in module.modules()):
+                module.use_nested_tensor = False
+                changed.append(name)
+    return changed
+
