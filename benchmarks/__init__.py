@@ -1,0 +1,1 @@
+"""Reproducible benchmarks for lmd_lightning; results are committed under benchmarks/results/."""

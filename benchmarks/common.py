@@ -1,0 +1,61 @@
+"""Shared benchmark plumbing: the machine header every result file starts with, and timing."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_header(device: torch.device | str = "cpu") -> str:
+    """Markdown lines naming the machine, torch version, thread count and device."""
+    device = torch.device(device)
+    lines = [
+        f"- machine: {platform.node()} ({platform.system()} {platform.machine()}), CPU: {cpu_model()}",
+        f"- python {platform.python_version()}, torch {torch.__version__}, threads: {torch.get_num_threads()}",
+    ]
+    if device.type == "cuda":
+        lines.append(f"- device: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})")
+    else:
+        lines.append("- device: cpu")
+    return "\n".join(lines)
+
+
+def time_it(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2, device: str = "cpu") -> float:
+    """Median wall time of `fn()` in seconds over `repeats` runs after `warmup` runs."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def write_result(name: str, title: str, body: str, command: str, device: str = "cpu") -> Path:
+    """Write benchmarks/results/<name>.md with the machine header and how to reproduce it."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    text = f"# {title}\n\n{machine_header(device)}\n- reproduce: `{command}`\n\n{body.rstrip()}\n"
+    path.write_text(text)
+    return path
