@@ -71,6 +71,7 @@ def _spectrum(plan: _Plan, needs_spectrum: bool) -> LayerSpectrum | None:
     if needs_spectrum:
         try:
             s = module.singular_values() if plan.matrix is None else singular_values(plan.matrix, report.name)
+            s = s.cpu()  # policies run many small reductions: cheaper on the host
         except SVDFailedError as err:
             _leave_dense(report, f"SVD failed: {err}")
             return None

@@ -125,10 +125,9 @@ def _smallest_rank_keeping(s: Tensor, energy: float) -> int:
     total = float(s2.sum())
     if total == 0.0:
         return 1
-    kept = torch.cumsum(s2, 0) / total
-    # searchsorted finds the first index whose cumulative share reaches `energy`.
-    index = int(torch.searchsorted(kept, torch.tensor([energy - 1e-12], dtype=kept.dtype)))
-    return min(index + 1, s.numel())
+    kept = torch.cumsum(s2, 0) / total  # non-decreasing
+    short = int((kept < energy - 1e-12).sum())  # how many prefixes fall short of `energy`
+    return min(short + 1, s.numel())
 
 
 @dataclass(frozen=True)

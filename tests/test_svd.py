@@ -126,14 +126,3 @@ def test_invalid_arguments(rank: int, method: str) -> None:
         truncated_svd(torch.randn(6, 6), rank, method=method)
     with pytest.raises(ValueError, match="2-D"):
         truncated_svd(torch.randn(2, 3, 4), 1)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("method", ["exact", "randomized"])
-def test_cuda_truncation(method: str) -> None:
-    s = torch.arange(1, 1025, dtype=torch.float64) ** -0.5
-    W = matrix_with_spectrum(s, 1024, 1024, torch.float32).cuda()
-    f = truncated_svd(W, 64, method=method)
-    assert f.U.is_cuda and f.method == method
-    assert f.error <= eckart_young_error(s, 64) * 1.01

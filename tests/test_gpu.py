@@ -1,0 +1,56 @@
+"""CUDA checks: truncation kernels, factored layers and compress_ on the GPU (skipped without one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lmd_lightning import EnergyRank, FactoredConv2d, FactoredLinear, compress_
+from lmd_lightning.svd import eckart_young_error, truncated_svd
+from tests.conftest import matrix_with_spectrum
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_truncation(method: str, dtype: torch.dtype) -> None:
+    s = torch.arange(1, 1025, dtype=torch.float64) ** -0.5
+    W = matrix_with_spectrum(s, 1024, 1024, torch.float32).cuda()
+    f = truncated_svd(W.to(dtype), 64, method=method)
+    assert f.U.is_cuda and f.U.dtype == dtype and f.method == method
+    # bfloat16 input carries its own rounding: judge the float32 case tightly only.
+    tolerance = 1.01 if dtype == torch.float32 else 1.05
+    assert f.error <= eckart_young_error(s, 64) * tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_factored_layers_on_cuda(dtype: torch.dtype) -> None:
+    linear = nn.Linear(256, 128, device="cuda", dtype=dtype)
+    layer = FactoredLinear.from_linear(linear, 128)
+    x = torch.randn(8, 256, device="cuda", dtype=dtype)
+    assert layer.U.is_cuda and layer.U.dtype == dtype
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    with torch.no_grad():
+        assert float((layer(x) - linear(x)).float().norm() / linear(x).float().norm()) < tolerance
+    conv = nn.Conv2d(8, 16, 3, padding=1, device="cuda", dtype=dtype)
+    fconv = FactoredConv2d.from_conv2d(conv, 16)
+    xi = torch.randn(2, 8, 9, 9, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        assert float((fconv(xi) - conv(xi)).float().norm() / conv(xi).float().norm()) < tolerance
+    fconv(xi).float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.is_cuda for p in fconv.parameters())
+
+
+def test_compress_and_bf16_autocast_training_step_on_cuda() -> None:
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).cuda()
+    report = compress_(model, EnergyRank(0.5))
+    assert report.compressed and all(p.is_cuda for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(32, 64, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters())
