@@ -163,7 +163,9 @@ def compress_(
     plans = [_start_plan(target) for target in find_targets(model, include, exclude, filter_fn)]
     active = [plan for plan in plans if plan.report.reason is None]
     for plan in active:
-        check_finite(plan.target.module.U if plan.matrix is None else plan.matrix, plan.report.name)
+        tensors = plan.target.module.parameters(recurse=False) if plan.matrix is None else [plan.matrix]
+        for tensor in tensors:
+            check_finite(tensor.detach(), plan.report.name)
     for plan in active:
         plan.spectrum = _spectrum(plan, policy.needs_spectrum)
     active = [plan for plan in active if plan.spectrum is not None]

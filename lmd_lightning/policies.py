@@ -9,6 +9,7 @@ r·(m+n) < m·n) is applied by `compress_` for every policy alike.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -38,15 +39,15 @@ class LayerSpectrum:
     max_rank: int  # min(out, fan_in) for a dense layer, the current rank for a factored one
     cost_per_rank: int  # parameters or multiply-adds that one unit of rank costs: out + fan_in
     cost_now: int  # what the layer costs now (dense m·n, or r·(m+n) when already factored)
-    fixed_cost: int = 0  # cost that does not depend on rank (the bias, for parameter budgets)
+    bias: int = 0  # bias parameters: counted by parameter budgets, not by multiply-add budgets
 
     @property
     def full_rank(self) -> int:
         return min(self.shape)
 
-    def cost_at(self, rank: int) -> int:
+    def cost_at(self, rank: int, with_bias: bool = True) -> int:
         """Cost after truncation to `rank`; a rank that does not save stays at today's cost."""
-        return self.fixed_cost + min(self.cost_now, rank * self.cost_per_rank)
+        return self.bias * with_bias + min(self.cost_now, rank * self.cost_per_rank)
 
 
 def _check_int(value: object, arg: str, low: int) -> None:
@@ -202,28 +203,41 @@ class GlobalBudget(RankPolicy):
     def choose(self, layers: Sequence[LayerSpectrum]) -> list[int]:
         if not layers:
             return []
-        budget = self.fraction * sum(layer.cost_at(layer.max_rank) for layer in layers)
-        # score (layer i, value j) = σ_ij² / (‖W_i‖² · cost per rank of i); keep scores above τ.
-        scores = [self._scores(layer) for layer in layers]
-        thresholds = torch.cat(scores).sort().values
-        lo, hi = 0, thresholds.numel()  # hi: drop everything down to min_rank
-        while lo < hi:  # smallest threshold index whose total fits the budget
+        with_bias = self.kind == "params"
+        budget = self.fraction * sum(layer.cost_at(layer.max_rank, with_bias) for layer in layers)
+        owners = self._drop_order(layers)
+        lo, hi = 0, owners.numel()  # number of singular values dropped; hi drops all to min_rank
+        while lo < hi:  # the fewest drops whose total fits the budget
             mid = (lo + hi) // 2
-            if self._total(layers, scores, float(thresholds[mid])) <= budget:
+            if self._total(layers, owners, mid, with_bias) <= budget:
                 hi = mid
             else:
                 lo = mid + 1
-        tau = float(thresholds[lo]) if lo < thresholds.numel() else math.inf
-        return self._ranks(layers, scores, tau)
+        if self._total(layers, owners, lo, with_bias) > budget:
+            warnings.warn(f"{self!r} cannot be met: min_rank or the break-even guard keeps the total above it")
+        return self._ranks(layers, owners, lo)
 
     @staticmethod
-    def _scores(layer: LayerSpectrum) -> Tensor:
-        s2 = layer.s.double().square()[: layer.max_rank]
-        total = float(s2.sum()) or 1.0
-        return s2 / (total * layer.cost_per_rank)
+    def _drop_order(layers: Sequence[LayerSpectrum]) -> Tensor:
+        """Layer index of each singular value, in the order they are dropped.
 
-    def _ranks(self, layers: Sequence[LayerSpectrum], scores: Sequence[Tensor], tau: float) -> list[int]:
-        return [self.clamp(int((score > tau).sum()), layer) for layer, score in zip(layers, scores)]
+        score(i, j) = σ_ij² / (‖W_i‖² · cost per rank of layer i): least error per unit saved
+        goes first. Ties go tail first, so every layer always loses a suffix of its spectrum.
+        """
+        scores, owners, positions = [], [], []
+        for index, layer in enumerate(layers):
+            s2 = layer.s.double().square()[: layer.max_rank]
+            scores.append(s2 / ((float(s2.sum()) or 1.0) * layer.cost_per_rank))
+            owners.append(torch.full_like(s2, index, dtype=torch.long))
+            positions.append(torch.arange(s2.numel()))
+        by_position = torch.cat(positions).argsort(descending=True, stable=True)
+        by_score = torch.cat(scores)[by_position].argsort(stable=True)
+        return torch.cat(owners)[by_position[by_score]]
 
-    def _total(self, layers: Sequence[LayerSpectrum], scores: Sequence[Tensor], tau: float) -> float:
-        return sum(layer.cost_at(rank) for layer, rank in zip(layers, self._ranks(layers, scores, tau)))
+    def _ranks(self, layers: Sequence[LayerSpectrum], owners: Tensor, dropped: int) -> list[int]:
+        counts = torch.bincount(owners[:dropped], minlength=len(layers)).tolist()
+        return [self.clamp(layer.max_rank - count, layer) for layer, count in zip(layers, counts)]
+
+    def _total(self, layers: Sequence[LayerSpectrum], owners: Tensor, dropped: int, with_bias: bool) -> int:
+        ranks = self._ranks(layers, owners, dropped)
+        return sum(layer.cost_at(rank, with_bias) for layer, rank in zip(layers, ranks))

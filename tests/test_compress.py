@@ -262,3 +262,13 @@ def test_dtype_and_training_mode_preserved() -> None:
     model = TinyMLP().to(torch.float64).eval()
     compress_(model, FixedRank(4))
     assert model.fc1.U.dtype == torch.float64 and not model.fc1.training
+
+
+def test_non_finite_factor_of_a_factored_layer_raises() -> None:
+    model = TinyMLP()
+    compress_(model, FixedRank(8))
+    with torch.no_grad():
+        model.fc2.V[3, 1] = float("inf")
+    with pytest.raises(ValueError, match="layer `fc2` has 1 non-finite"):
+        compress_(model, FixedRank(4))
+    assert model.fc1.rank == 8  # nothing was shrunk

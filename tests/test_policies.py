@@ -119,3 +119,17 @@ def test_global_budget_respects_break_even() -> None:
 def test_invalid_arguments(make, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_params_budget_counts_biases_flops_budget_does_not() -> None:
+    sp = LayerSpectrum("fc", (64, 64), torch.ones(64, dtype=torch.float64), 64, 128, 64 * 64, bias=64)
+    assert sp.cost_at(10) == 64 + 10 * 128 and sp.cost_at(10, with_bias=False) == 10 * 128
+    # params: (64 + 128·r) ≤ 0.25·(64 + 4096) → r = 7; flops: 128·r ≤ 0.25·4096 → r = 8.
+    assert GlobalBudget(params=0.25).choose([sp]) == [7]
+    assert GlobalBudget(flops=0.25).choose([sp]) == [8]
+
+
+def test_unattainable_budget_warns_and_returns_the_most_compressive_ranks() -> None:
+    sp = layer(torch.ones(64), (64, 64))
+    with pytest.warns(UserWarning, match="cannot be met"):
+        assert GlobalBudget(params=0.01, min_rank=16).choose([sp]) == [16]
