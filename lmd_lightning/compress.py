@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lmd_lightning.factored import PARAMETRIZATIONS, FactoredLinear, FactoredModule, _copy_requires_grad
+from lmd_lightning.factored import PARAMETRIZATIONS, FactoredLinear, FactoredModule, copy_requires_grad
 from lmd_lightning.factored_conv import FactoredConv2d, conv_matrix
 from lmd_lightning.policies import LayerSpectrum, RankPolicy
 from lmd_lightning.report import CompressionReport, LayerReport
@@ -121,8 +121,7 @@ def _apply(model: nn.Module, plan: _Plan, parametrization: str) -> None:
         new = FactoredConv2d.from_factors(factors, module, bias, parametrization)
     else:
         new = FactoredLinear.from_factors(factors, bias, parametrization)
-    new = new.to(device=module.weight.device, dtype=module.weight.dtype)
-    _copy_requires_grad(module, new)
+    copy_requires_grad(module, new)
     swap_module(model, module, new)
     plan.report.params_after = _param_count(new)
 

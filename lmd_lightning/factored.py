@@ -189,7 +189,7 @@ class FactoredLinear(FactoredModule):
         _check_rank(rank, linear.out_features, linear.in_features)
         factors = truncated_svd(linear.weight.detach(), rank, method=method)
         layer = cls.from_factors(factors, linear.bias.detach() if linear.bias is not None else None, parametrization)
-        _copy_requires_grad(linear, layer)
+        copy_requires_grad(linear, layer)
         return layer
 
     def to_linear(self) -> nn.Linear:
@@ -199,14 +199,14 @@ class FactoredLinear(FactoredModule):
             dense.weight.copy_(self.dense_weight())
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
-        _copy_requires_grad(self, dense)
+        copy_requires_grad(self, dense)
         return dense
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._common_repr()}"
 
 
-def _copy_requires_grad(src: nn.Module, dst: nn.Module) -> None:
+def copy_requires_grad(src: nn.Module, dst: nn.Module) -> None:
     """The weight's flag goes to the weight or to all factors; the bias keeps its own."""
     weight_grad = (src.weight if hasattr(src, "weight") else src.U).requires_grad
     for name, param in dst.named_parameters(recurse=False):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from lmd_lightning.factored import FactoredModule, Parametrization, _check_rank, _check_type, _copy_requires_grad
+from lmd_lightning.factored import FactoredModule, Parametrization, _check_rank, _check_type, copy_requires_grad
 from lmd_lightning.svd import Factors, truncated_svd
 
 __all__ = ["FactoredConv2d", "conv_matrix"]
@@ -123,7 +123,7 @@ class FactoredConv2d(FactoredModule):
         factors = truncated_svd(matrix, rank, method=method)
         bias = conv.bias.detach() if conv.bias is not None else None
         layer = cls.from_factors(factors, conv, bias, parametrization)
-        _copy_requires_grad(conv, layer)
+        copy_requires_grad(conv, layer)
         return layer
 
     def to_conv2d(self) -> nn.Conv2d:
@@ -144,7 +144,7 @@ class FactoredConv2d(FactoredModule):
             dense.weight.copy_(self.dense_weight().reshape_as(dense.weight))
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
-        _copy_requires_grad(self, dense)
+        copy_requires_grad(self, dense)
         return dense
 
     def extra_repr(self) -> str:

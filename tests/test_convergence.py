@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmd_lightning.convergence import ConvergenceMonitor, grad_norm
+
+
+def test_grad_norm_is_the_global_norm() -> None:
+    grads = [torch.randn(5, 3), torch.randn(7), None, torch.randn(2, 2, 2, dtype=torch.float64)]
+    expected = math.sqrt(sum(float(g.double().square().sum()) for g in grads if g is not None))
+    assert float(grad_norm(grads)) == pytest.approx(expected, rel=1e-6)
+    assert float(grad_norm([None])) == 0.0
+
+
+def test_fires_on_decay_to_a_fraction_of_the_peak() -> None:
+    monitor = ConvergenceMonitor(window=10, min_steps=20, rel_tol=0.05, plateau_tol=1e-9)
+    step = 0
+    while not monitor.update(10.0 * 0.97**step, step):  # ‖∇L‖ provably decays geometrically
+        step += 1
+        assert step < 1000
+    assert "of its peak" in monitor.reason
+    assert monitor.converged_step == step
+    assert monitor.ema <= 0.05 * monitor.peak
+    # 0.97^t reaches 5% of the first check's EMA near t = 103; the EMA lags ~10 steps; checks every 10.
+    assert 100 <= step <= 130
+
+
+def test_fires_on_plateau_after_patience_checks() -> None:
+    monitor = ConvergenceMonitor(window=10, patience=3, plateau_tol=0.05, min_steps=0, rel_tol=0.0)
+    gen = torch.Generator().manual_seed(0)
+    fired = None
+    for step in range(200):
+        noise = float(torch.rand((), generator=gen)) * 0.1
+        value = max(5.0 * 0.95**step, 0.4) + 0.4 * noise  # a decay, then a noisy plateau from t ≈ 50
+        if monitor.update(value, step) and fired is None:
+            fired = step
+    assert fired is not None and "changed < 5%" in monitor.reason
+    assert 50 + 3 * 10 <= fired < 150  # needs three quiet windows after the decay settles
+
+
+def test_does_not_fire_on_noisy_non_converging_norms() -> None:
+    monitor = ConvergenceMonitor(window=10, patience=3, plateau_tol=0.05, min_steps=0, rel_tol=0.05)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(2000):
+        # A slow oscillation with heavy noise: the EMA keeps moving by ≫ 5% per window.
+        value = 2.0 + math.sin(step / 15.0) + float(torch.rand((), generator=gen))
+        assert not monitor.update(value, step)
+
+
+def test_min_steps_holds_back() -> None:
+    monitor = ConvergenceMonitor(window=5, patience=1, min_steps=100, rel_tol=0.0)
+    fired = next(step for step in range(1000) if monitor.update(1.0, step))
+    assert fired == 99  # constant norms plateau at once, but not before 100 updates
+
+
+def test_non_finite_norms_are_counted_and_ignored() -> None:
+    monitor = ConvergenceMonitor(window=4, min_steps=0, rel_tol=0.5, patience=100)
+    for step, value in enumerate([4.0, float("nan"), float("inf"), 4.0]):
+        monitor.update(value, step)
+    assert monitor.nonfinite == 2 and monitor.ema == pytest.approx(4.0)
+    assert not monitor.converged
+    for step in range(4, 8):
+        monitor.update(float("nan"), step)
+    assert not monitor.converged and monitor.nonfinite == 6
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    def feed(monitor: ConvergenceMonitor, steps: range) -> list[bool]:
+        return [monitor.update(3.0 * 0.98**s + 0.01 * (s % 7), s) for s in steps]
+
+    reference = ConvergenceMonitor(window=10, min_steps=30)
+    expected = feed(reference, range(400))
+    first = ConvergenceMonitor(window=10, min_steps=30)
+    head = feed(first, range(155))
+    state = first.state_dict()
+    assert all(isinstance(v, (int, float, bool, str, type(None))) for v in state.values())
+    resumed = ConvergenceMonitor(window=10, min_steps=30)
+    resumed.load_state_dict(state)
+    assert head + feed(resumed, range(155, 400)) == expected
+    assert resumed.converged_step == reference.converged_step and resumed.reason == reference.reason
+
+
+def test_reset_forgets() -> None:
+    monitor = ConvergenceMonitor(window=1, patience=1, min_steps=0)
+    monitor.update(1.0, 0)
+    monitor.update(1.0, 1)
+    assert monitor.converged
+    monitor.reset()
+    assert not monitor.converged and monitor.ema is None and monitor.peak == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"beta": 1.0}, r"`beta` must be a number in \[0.0, 1.0\), got 1.0"),
+        ({"window": 0}, r"`window` must be an int in \[1, inf\), got 0"),
+        ({"window": 2.5}, r"`window` must be an int"),
+        ({"plateau_tol": 0}, r"`plateau_tol` must be a number in \(0.0, inf\), got 0"),
+        ({"patience": 0}, r"`patience` must be an int in \[1, inf\), got 0"),
+        ({"rel_tol": 1.5}, r"`rel_tol` must be a number in \[0.0, 1.0\), got 1.5"),
+        ({"min_steps": -1}, r"`min_steps` must be an int in \[0, inf\), got -1"),
+    ],
+)
+def test_invalid_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ConvergenceMonitor(**kwargs)
