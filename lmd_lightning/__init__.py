@@ -4,7 +4,10 @@ Dense Linear and Conv2d layers are truncated by SVD (Eckart–Young) once traini
 converged, swapped for factored U·S·Vᵀ modules, and fine-tuned.
 """
 
+from lmd_lightning.callback import LMDCompression
+from lmd_lightning.checkpoint import LMDCheckpointMixin, load_compressed
 from lmd_lightning.compress import compress_, restore_factored_
+from lmd_lightning.convergence import ConvergenceMonitor
 from lmd_lightning.factored import FactoredLinear
 from lmd_lightning.factored_conv import FactoredConv2d
 from lmd_lightning.policies import (
@@ -22,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompressionReport",
+    "ConvergenceMonitor",
     "EffectiveRank",
     "EnergyRank",
     "ErrorBound",
@@ -29,10 +33,13 @@ __all__ = [
     "FactoredLinear",
     "FixedRank",
     "GlobalBudget",
+    "LMDCheckpointMixin",
+    "LMDCompression",
     "LayerReport",
     "RankPolicy",
     "RankRatio",
     "__version__",
     "compress_",
+    "load_compressed",
     "restore_factored_",
 ]

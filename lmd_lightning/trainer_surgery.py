@@ -1,0 +1,114 @@
+"""The only module that touches Lightning internals: what a Lightning upgrade may break is here.
+
+- `check_supported`: strategies and modes the callback can handle, refused clearly otherwise;
+- `gradient_unscale_factor`: the AMP scale still on the gradients at `on_before_optimizer_step`;
+- `rebuild`: after a module swap, re-run the user's `configure_optimizers`, carry the optimizer
+  state of every surviving parameter over, continue the LR schedule, and re-wrap DDP;
+- `restore`: go back to the optimizers from before a swap that failed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+
+__all__ = ["Snapshot", "check_supported", "gradient_unscale_factor", "rebuild", "restore", "snapshot"]
+
+
+def check_supported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Raise at setup for what cannot work, rather than failing at the swap."""
+    strategy = trainer.strategy
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        raise NotImplementedError(
+            f"LMDCompression does not support {type(strategy).__name__} yet: sharded weights must be gathered "
+            "before truncation and re-sharded after it. Use a single device or strategy='ddp'."
+        )
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise NotImplementedError(f"LMDCompression supports single-device and DDP strategies, got {type(strategy).__name__}")
+    if not pl_module.automatic_optimization:
+        raise ValueError(
+            "LMDCompression needs automatic optimization (`automatic_optimization = True`): with manual optimization "
+            "it cannot rebuild your optimizers after the swap or measure ‖∇L‖ once per optimizer step."
+        )
+
+
+def gradient_unscale_factor(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """1/scale when gradients are still AMP-scaled at `on_before_optimizer_step`, else None.
+
+    Lightning unscales before that hook, except for optimizers that unscale inside `step()`
+    (fused Adam/AdamW/SGD): for those the gradients the callback sees are still multiplied by
+    the GradScaler's scale.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return None
+    return scaler._scale.reciprocal() if scaler._scale is not None else None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The optimizers and scheduler configs before a swap, to carry over or to go back to."""
+
+    optimizers: list
+    lr_scheduler_configs: list
+
+
+def snapshot(trainer: pl.Trainer) -> Snapshot:
+    return Snapshot(list(trainer.strategy.optimizers), list(trainer.strategy.lr_scheduler_configs))
+
+
+def _rewrap_ddp(trainer: pl.Trainer) -> None:
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy):
+        strategy.model = strategy.lightning_module  # unwrap: the old wrapper holds the old parameters
+        strategy.configure_ddp()
+
+
+def restore(trainer: pl.Trainer, before: Snapshot) -> None:
+    """Go back to the optimizers of `before` (after the modules themselves were put back)."""
+    trainer.strategy.optimizers = before.optimizers
+    trainer.strategy.lr_scheduler_configs = before.lr_scheduler_configs
+    _rewrap_ddp(trainer)
+
+
+def _carry_optimizer(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> int:
+    """Copy per-parameter state of surviving parameters and the groups' hyper-parameters."""
+    carried = 0
+    for group in new.param_groups:
+        for param in group["params"]:
+            if param in old.state:
+                new.state[param] = old.state[param]
+                carried += 1
+    if len(old.param_groups) == len(new.param_groups):
+        for old_group, new_group in zip(old.param_groups, new.param_groups):
+            new_group.update({key: value for key, value in old_group.items() if key != "params"})
+    return carried
+
+
+def rebuild(trainer: pl.Trainer, before: Snapshot) -> dict[str, Any]:
+    """Re-create optimizers and schedulers after a module swap, keeping what survived.
+
+    `before` is the `snapshot` taken before the swap. Returns counts for the log. Raises
+    RuntimeError when `configure_optimizers` now returns a different number of optimizers or
+    schedulers; the caller then puts the modules back and calls `restore`.
+    """
+    _rewrap_ddp(trainer)
+    trainer.strategy.setup_optimizers(trainer)
+    after = snapshot(trainer)
+    if len(before.optimizers) != len(after.optimizers) or len(before.lr_scheduler_configs) != len(
+        after.lr_scheduler_configs
+    ):
+        raise RuntimeError(
+            f"configure_optimizers returned {len(after.optimizers)} optimizers / {len(after.lr_scheduler_configs)} "
+            f"schedulers after the swap, {len(before.optimizers)} / {len(before.lr_scheduler_configs)} before"
+        )
+    carried = sum(_carry_optimizer(old, new) for old, new in zip(before.optimizers, after.optimizers))
+    for old, new in zip(before.lr_scheduler_configs, after.lr_scheduler_configs):
+        new.scheduler.load_state_dict(old.scheduler.state_dict())
+    pairs = zip(before.optimizers, after.optimizers)
+    groups_match = all(len(old.param_groups) == len(new.param_groups) for old, new in pairs)
+    return {"carried_states": carried, "groups_match": groups_match, "schedulers": len(after.lr_scheduler_configs)}

@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from lmd_lightning import ConvergenceMonitor, EnergyRank, FactoredLinear, FixedRank, LMDCompression, RankRatio
+from tests.lightning_models import LitMLP, loaders, trainer
+
+
+class Recorder(pl.Callback):
+    """Records the LR and the head's optimizer state at every step and epoch start."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+        self.head_state: dict[int, dict] = {}
+        self.swap_epoch_state: dict | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        state = trainer.optimizers[0].state.get(pl_module.net[4].weight, {})
+        self.head_state[trainer.current_epoch] = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+def fit(callbacks: list, max_epochs: int = 6, **hparams) -> tuple[LitMLP, pl.Trainer]:
+    pl.seed_everything(0, verbose=False)
+    model = LitMLP(max_epochs=max_epochs, **hparams)
+    train, val = loaders()
+    t = trainer(max_epochs, callbacks)
+    t.fit(model, train, val)
+    return model, t
+
+
+def test_epoch_trigger_swaps_exactly_at_min_epochs() -> None:
+    lmd = LMDCompression(FixedRank(8), trigger="epoch", min_epochs=2, exclude="net.4")
+    model, t = fit([lmd], max_epochs=4)
+    assert isinstance(model.net[0], FactoredLinear) and isinstance(model.net[2], FactoredLinear)
+    assert isinstance(model.net[4], nn.Linear)
+    assert lmd.compressed and lmd.compressed_epoch == 2
+    assert lmd.ranks == {"net.0": 8, "net.2": 8}
+    optimized = {id(p) for group in t.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters()}  # the optimizer holds the new factors
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "scheduler", "interval"),
+    [("sgd", "cosine", "epoch"), ("sgd", "step", "step"), ("adamw", "cosine", "step"), ("adamw", "step", "epoch")],
+)
+def test_optimizer_state_and_schedule_carry_over(optimizer: str, scheduler: str, interval: str) -> None:
+    hparams = dict(optimizer=optimizer, scheduler=scheduler, interval=interval, lr=0.05 if optimizer == "sgd" else 3e-3)
+    dense_rec = Recorder()
+    fit([dense_rec], **hparams)
+    rec = Recorder()
+    lmd = LMDCompression(RankRatio(0.25), trigger="epoch", min_epochs=3, exclude="net.4")
+    fit([lmd, rec], **hparams)
+    assert lmd.compressed_epoch == 3
+    # The schedule continues: the LR at every step equals the uncompressed run's.
+    assert rec.lrs == pytest.approx(dense_rec.lrs, rel=1e-12)
+    assert len(set(rec.lrs)) > 2
+    # The surviving head's state is carried over: the state seen at the start of epoch 3 (after
+    # the swap) is the one the optimizer built during epochs 0–2, not a fresh one.
+    before_swap = dense_rec.head_state[3]  # same trajectory up to the swap
+    after_swap = rec.head_state[3]
+    key = "momentum_buffer" if optimizer == "sgd" else "exp_avg"
+    torch.testing.assert_close(after_swap[key], before_swap[key])
+    if optimizer == "adamw":
+        assert float(after_swap["step"]) == float(before_swap["step"]) == 3 * 13
+
+
+def test_grad_norm_trigger_fires_before_the_forced_epoch() -> None:
+    monitor = ConvergenceMonitor(window=5, patience=2, plateau_tol=0.2, min_steps=10)
+    lmd = LMDCompression(EnergyRank(0.9), trigger=monitor, min_epochs=1, exclude="net.4")
+    fit([lmd], max_epochs=9)
+    assert lmd.compressed and monitor.converged and monitor.reason
+    assert 1 <= lmd.compressed_epoch < 6  # forced epoch would be 2/3 of 9 = 6
+
+
+def test_forced_epoch_when_the_monitor_never_fires() -> None:
+    lmd = LMDCompression(FixedRank(8), trigger=ConvergenceMonitor(min_steps=10**9), exclude="net.4")
+    fit([lmd], max_epochs=6)
+    assert lmd.compressed_epoch == 4  # 2/3 of 6
+    lmd = LMDCompression(FixedRank(8), trigger=ConvergenceMonitor(min_steps=10**9), max_epochs=2, exclude="net.4")
+    fit([lmd], max_epochs=6)
+    assert lmd.compressed_epoch == 2
+
+
+def test_failed_compression_leaves_the_dense_model_training(monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("configure_optimizers exploded")
+
+    lmd = LMDCompression(FixedRank(8), trigger="epoch", min_epochs=1, exclude="net.4")
+    monkeypatch.setattr("lmd_lightning.trainer_surgery._carry_optimizer", broken)
+    with pytest.warns(UserWarning, match="compression failed, training continues dense"):
+        model, t = fit([lmd], max_epochs=3)
+    assert not lmd.compressed and "configure_optimizers exploded" in lmd.failure
+    assert all(type(m) is nn.Linear for m in model.net if isinstance(m, nn.Module) and hasattr(m, "in_features"))
+    optimized = {id(p) for group in t.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters()}
+
+
+class Manual(LitMLP):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
+
+def test_manual_optimization_is_refused() -> None:
+    train, val = loaders()
+    with pytest.raises(ValueError, match="needs automatic optimization"):
+        trainer(1, [LMDCompression(FixedRank(2))]).fit(Manual(scheduler="none"), train, val)
+
+
+class NothingToCompress(LitMLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv1d(1, 1, 1))
+
+
+def test_model_without_candidates_raises_listing_modules() -> None:
+    train, val = loaders()
+    with pytest.raises(ValueError, match=r"no Linear/Conv2d layer it can compress; the modules are: \['net', 'net.0'\]"):
+        trainer(1, [LMDCompression(FixedRank(2))]).fit(NothingToCompress(), train, val)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"policy": "energy"}, TypeError, r"`policy` must be a RankPolicy"),
+        ({"trigger": "loss"}, ValueError, r"`trigger` must be one of \('grad_norm', 'epoch'\)"),
+        ({"min_epochs": -1}, ValueError, r"`min_epochs` must be None or an int >= 0, got -1"),
+        ({"max_epochs": 1.5}, ValueError, r"`max_epochs` must be None or an int >= 0, got 1.5"),
+        ({"min_epochs": 5, "max_epochs": 3}, ValueError, r"`max_epochs` \(3\) must be >= `min_epochs` \(5\)"),
+        ({"every_n_steps": 0}, ValueError, r"`every_n_steps` must be None or an int >= 1, got 0"),
+        ({"parametrization": "lora"}, ValueError, r"`parametrization` must be one of"),
+        ({"method": "fast"}, ValueError, r"`method` must be one of"),
+    ],
+)
+def test_invalid_arguments(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        LMDCompression(**{"policy": FixedRank(2), **kwargs})
