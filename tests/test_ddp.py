@@ -1,0 +1,50 @@
+"""DDP with 2 CPU processes (gloo): identical factors at the swap, identical weights after fine-tuning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lmd_lightning import EnergyRank, FactoredLinear, LMDCompression
+from tests.lightning_models import LitMLP, loaders, trainer
+
+pytestmark = [pytest.mark.ddp, pytest.mark.slow]
+
+
+class SaveOnEveryRank(pl.Callback):
+    """Writes each rank's weights right after the swap and at the end of training."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> None:
+        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        torch.save(state, self.directory / f"{tag}_rank{trainer.global_rank}.pt")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(pl_module.net[0], FactoredLinear) and not (self.directory / f"swap_rank{trainer.global_rank}.pt").exists():
+            self._save(trainer, pl_module, "swap")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer, pl_module, "end")
+
+
+def test_ddp_two_processes_stay_identical(tmp_path: Path) -> None:
+    pl.seed_everything(0, verbose=False)
+    model = LitMLP(max_epochs=4)
+    callback = LMDCompression(EnergyRank(0.8), trigger="epoch", min_epochs=2, exclude="net.4")
+    train, val = loaders()
+    t = trainer(4, [callback, SaveOnEveryRank(tmp_path)], strategy="ddp_spawn", devices=2)
+    t.fit(model, train, val)
+    for tag in ("swap", "end"):
+        rank0 = torch.load(tmp_path / f"{tag}_rank0.pt", weights_only=True)
+        rank1 = torch.load(tmp_path / f"{tag}_rank1.pt", weights_only=True)
+        assert "net.0.U" in rank0 and rank0.keys() == rank1.keys()
+        for key in rank0:
+            assert torch.equal(rank0[key], rank1[key]), f"{tag}: {key} differs between ranks"
+    start = torch.load(tmp_path / "swap_rank0.pt", weights_only=True)
+    end = torch.load(tmp_path / "end_rank0.pt", weights_only=True)
+    assert not torch.equal(start["net.0.U"], end["net.0.U"])  # the factors were trained after the swap
