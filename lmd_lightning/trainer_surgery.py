@@ -14,6 +14,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import StochasticWeightAveraging, WeightAveraging
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
 
 __all__ = ["Snapshot", "check_supported", "gradient_unscale_factor", "rebuild", "restore", "snapshot"]
@@ -29,6 +30,13 @@ def check_supported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         )
     if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise NotImplementedError(f"LMDCompression supports single-device and DDP strategies, got {type(strategy).__name__}")
+    averaging = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, (StochasticWeightAveraging, WeightAveraging))]
+    if averaging:
+        raise ValueError(
+            f"LMDCompression cannot run with {averaging}: the averaged copy of the model keeps the dense layers, "
+            "so it no longer matches the model after the swap. Remove the weight-averaging callback, or average "
+            "only during a later fine-tuning run started from the compressed checkpoint."
+        )
     if not pl_module.automatic_optimization:
         raise ValueError(
             "LMDCompression needs automatic optimization (`automatic_optimization = True`): with manual optimization "

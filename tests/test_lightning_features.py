@@ -1,0 +1,94 @@
+"""The callback next to the rest of Lightning: AMP, accumulation, clipping, other callbacks, compile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, StochasticWeightAveraging
+from pytorch_lightning.loggers import CSVLogger
+from torch import nn
+
+from lmd_lightning import FactoredLinear, FixedRank, LMDCompression
+from lmd_lightning.convergence import grad_norm
+from tests.lightning_models import LitMLP, loaders, trainer
+
+
+class NormProbe(pl.Callback):
+    """What ‖∇L‖ the callback sees vs the norm right before clipping, per optimizer step."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.norms.append(float(grad_norm(p.grad for p in pl_module.parameters() if p.grad is not None)))
+
+
+def test_bf16_accumulation_clipping_early_stopping_lr_monitor(tmp_path: Path) -> None:
+    pl.seed_everything(0, verbose=False)
+    probe = NormProbe()
+    lmd = LMDCompression(FixedRank(8), trigger="epoch", min_epochs=1, exclude="net.4")
+    callbacks = [lmd, probe, EarlyStopping("val_acc", mode="max", patience=10), LearningRateMonitor("step")]
+    t = trainer(
+        3, callbacks, precision="bf16-mixed", accumulate_grad_batches=2, gradient_clip_val=0.5,
+        logger=CSVLogger(tmp_path), deterministic=False,
+    )
+    model = LitMLP(max_epochs=3)
+    train, val = loaders()
+    t.fit(model, train, val)
+    assert lmd.compressed and isinstance(model.net[0], FactoredLinear)
+    # One measurement per optimizer step, not per batch: 13 batches / 2 = 7 steps per epoch.
+    assert len(probe.norms) == t.global_step == 3 * 7
+    # Clipping happens after the hook: norms above the clip value are seen unclipped.
+    assert max(probe.norms) > 0.5
+    assert t.callback_metrics["val_acc"] > 0.5
+
+
+def test_gradients_seen_are_unscaled_under_fp16_style_scaling() -> None:
+    # Under "16-mixed" Lightning unscales before on_before_optimizer_step; CPU has no fp16 GradScaler,
+    # so this checks the fused-optimizer path of gradient_unscale_factor directly.
+    from lmd_lightning.trainer_surgery import gradient_unscale_factor
+
+    class FakeScaler:
+        _scale = torch.tensor(1024.0)
+
+    class FakePlugin:
+        scaler = FakeScaler()
+
+    class FakeTrainer:
+        precision_plugin = FakePlugin()
+
+    fused = torch.optim.Adam([nn.Parameter(torch.zeros(2))], fused=False)
+    fused._step_supports_amp_scaling = True  # what fused=True sets on CUDA
+    plain = torch.optim.Adam([nn.Parameter(torch.zeros(2))])
+    assert float(gradient_unscale_factor(FakeTrainer(), fused)) == pytest.approx(1 / 1024)
+    assert gradient_unscale_factor(FakeTrainer(), plain) is None
+
+
+def test_weight_averaging_is_refused() -> None:
+    train, val = loaders()
+    t = trainer(2, [LMDCompression(FixedRank(4)), StochasticWeightAveraging(swa_lrs=0.01)])
+    with pytest.raises(ValueError, match=r"cannot run with \['StochasticWeightAveraging'\]"):
+        t.fit(LitMLP(max_epochs=2), train, val)
+
+
+class CompiledBlock(LitMLP):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.net = torch.compile(self.net)
+
+
+@pytest.mark.slow
+def test_compiled_submodule_recompiles_and_stays_correct() -> None:
+    pl.seed_everything(0, verbose=False)
+    model = CompiledBlock(max_epochs=2)
+    lmd = LMDCompression(FixedRank(8), trigger="epoch", min_epochs=1, exclude="*.4")
+    train, val = loaders()
+    trainer(2, [lmd], deterministic=False).fit(model, train, val)
+    inner = model.net._orig_mod
+    assert isinstance(inner[0], FactoredLinear)
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.net(x), inner(x), atol=1e-5, rtol=1e-5)
