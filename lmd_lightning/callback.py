@@ -22,6 +22,7 @@ from lmd_lightning import trainer_surgery
 from lmd_lightning.compress import compress_, restore_factored_
 from lmd_lightning.convergence import ConvergenceMonitor, grad_norm
 from lmd_lightning.factored import PARAMETRIZATIONS, FactoredModule
+from lmd_lightning.guard import search_knob
 from lmd_lightning.policies import RankPolicy
 from lmd_lightning.report import CompressionReport
 from lmd_lightning.svd import METHODS
@@ -33,9 +34,11 @@ log = logging.getLogger("lmd_lightning")
 TRIGGERS = ("grad_norm", "epoch")
 
 
-def _check_epochs(value: Any, arg: str, low: int) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-        raise ValueError(f"`{arg}` must be None or an int >= {low}, got {value!r}")
+def _check_int(value: Any, arg: str, low: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{arg}` must be {'None or ' if optional else ''}an int >= {low}, got {value!r}")
 
 
 class LMDCompression(Callback):
@@ -53,6 +56,11 @@ class LMDCompression(Callback):
             the epochs for fine-tuning.
         every_n_steps: measure ‖∇L‖ every this many optimizer steps.
         parametrization / method: passed to `compress_`.
+        monitor / max_accuracy_drop: the accuracy guard. The metric `monitor`, as logged by
+            `validation_step`, is measured on `guard_batches` validation batches per loader right
+            before truncation and right after it; the policy's knob is bisected (`search_steps`
+            times) to the most compressive setting whose drop stays within `max_accuracy_drop`,
+            or the model stays dense. `mode`: "max" if higher is better, "min" if lower is.
     """
 
     def __init__(
@@ -67,23 +75,46 @@ class LMDCompression(Callback):
         every_n_steps: int = 1,
         parametrization: str = "balanced",
         method: str = "auto",
+        monitor: str | None = None,
+        max_accuracy_drop: float | None = None,
+        mode: str = "max",
+        guard_batches: int = 10,
+        search_steps: int = 5,
     ) -> None:
         if not isinstance(policy, RankPolicy):
             raise TypeError(f"`policy` must be a RankPolicy (EnergyRank, FixedRank, GlobalBudget, …), got {policy!r}")
         if not isinstance(trigger, ConvergenceMonitor) and trigger not in TRIGGERS:
             raise ValueError(f"`trigger` must be one of {TRIGGERS} or a ConvergenceMonitor, got {trigger!r}")
-        _check_epochs(min_epochs, "min_epochs", 0)
-        _check_epochs(max_epochs, "max_epochs", 0)
+        _check_int(min_epochs, "min_epochs", 0)
+        _check_int(max_epochs, "max_epochs", 0, optional=True)
         if max_epochs is not None and max_epochs < min_epochs:
             raise ValueError(f"`max_epochs` ({max_epochs}) must be >= `min_epochs` ({min_epochs})")
-        _check_epochs(every_n_steps, "every_n_steps", 1)
+        _check_int(every_n_steps, "every_n_steps", 1)
         if parametrization not in PARAMETRIZATIONS:
             raise ValueError(f"`parametrization` must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
         if method not in METHODS:
             raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+        if (monitor is None) != (max_accuracy_drop is None):
+            raise ValueError(
+                f"give `monitor` and `max_accuracy_drop` together, got monitor={monitor!r}, "
+                f"max_accuracy_drop={max_accuracy_drop!r}"
+            )
+        if monitor is not None and not isinstance(monitor, str):
+            raise TypeError(f"`monitor` must be the name of a logged validation metric, got {monitor!r}")
+        drop_ok = isinstance(max_accuracy_drop, (int, float)) and not isinstance(max_accuracy_drop, bool)
+        if max_accuracy_drop is not None and not (drop_ok and max_accuracy_drop >= 0):
+            raise ValueError(f"`max_accuracy_drop` must be a number >= 0, got {max_accuracy_drop!r}")
+        if mode not in ("max", "min"):
+            raise ValueError(f"`mode` must be 'max' or 'min', got {mode!r}")
+        _check_int(guard_batches, "guard_batches", 1)
+        _check_int(search_steps, "search_steps", 0)
+        self.metric, self.max_accuracy_drop, self.mode = monitor, max_accuracy_drop, mode
+        self.guard_batches, self.search_steps = guard_batches, search_steps
+        self.guard: dict[str, Any] | None = None  # metric before/after and every trial of the search
+        self._metric_checked = False
         self.policy = policy
         self.trigger = trigger if isinstance(trigger, str) else "grad_norm"
-        self.monitor = trigger if isinstance(trigger, ConvergenceMonitor) else ConvergenceMonitor()
+        self.convergence = trigger if isinstance(trigger, ConvergenceMonitor) else ConvergenceMonitor()
         self.include, self.exclude, self.filter_fn = include, exclude, filter_fn
         self.min_epochs, self.max_epochs, self.every_n_steps = min_epochs, max_epochs, every_n_steps
         self.parametrization, self.method = parametrization, method
@@ -114,6 +145,10 @@ class LMDCompression(Callback):
         if not self.compressed and self.trigger == "grad_norm" and trainer.global_step % self.every_n_steps == 0:
             self._measure(trainer, pl_module, optimizer)
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.metric is not None and not trainer.sanity_checking and not self._metric_checked:
+            self._check_metric(trainer)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._due(trainer.current_epoch):
             self._compress(trainer, pl_module)
@@ -124,13 +159,14 @@ class LMDCompression(Callback):
             "compressed_epoch": self.compressed_epoch,
             "reports": self.reports,
             "failure": self.failure,
-            "monitor": self.monitor.state_dict(),
+            "guard": self.guard,
+            "convergence": self.convergence.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.compressed, self.compressed_epoch = state_dict["compressed"], state_dict["compressed_epoch"]
-        self.reports, self.failure = state_dict["reports"], state_dict["failure"]
-        self.monitor.load_state_dict(state_dict["monitor"])
+        self.reports, self.failure, self.guard = state_dict["reports"], state_dict["failure"], state_dict["guard"]
+        self.convergence.load_state_dict(state_dict["convergence"])
 
     # ---- the work ----
 
@@ -161,26 +197,38 @@ class LMDCompression(Callback):
         if self.trigger == "epoch":
             return epoch == self.min_epochs
         forced = self._force_epoch is not None and epoch >= self._force_epoch
-        return self.monitor.converged or forced
+        return self.convergence.converged or forced
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         norm = grad_norm(p.grad for p in pl_module.parameters() if p.grad is not None)
         factor = trainer_surgery.gradient_unscale_factor(trainer, optimizer)
-        was = self.monitor.converged
-        if self.monitor.update(norm if factor is None else norm * factor, trainer.global_step) and not was:
+        was = self.convergence.converged
+        if self.convergence.update(norm if factor is None else norm * factor, trainer.global_step) and not was:
             rank_zero_info(
-                f"LMDCompression: converged at step {trainer.global_step} ({self.monitor.reason}); "
-                f"‖∇L‖ EMA {self.monitor.ema:.4g}, peak {self.monitor.peak:.4g}. Compressing at the next epoch."
+                f"LMDCompression: converged at step {trainer.global_step} ({self.convergence.reason}); "
+                f"‖∇L‖ EMA {self.convergence.ema:.4g}, peak {self.convergence.peak:.4g}. Compressing at the next epoch."
             )
 
+    def _check_metric(self, trainer: pl.Trainer) -> None:
+        if self.metric not in trainer.callback_metrics:
+            raise KeyError(
+                f"LMDCompression `monitor` metric {self.metric!r} was not logged in validation; "
+                f"available: {sorted(trainer.callback_metrics)}"
+            )
+        self._metric_checked = True
+
     def _compress(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        why = self.monitor.reason if self.monitor.converged else f"epoch {trainer.current_epoch} reached"
+        why = self.convergence.reason if self.convergence.converged else f"epoch {trainer.current_epoch} reached"
         undo, before = _undo_record(pl_module), trainer_surgery.snapshot(trainer)
         try:
-            report = compress_(
-                pl_module, self.policy, include=self.include, exclude=self.exclude, filter_fn=self.filter_fn,
-                parametrization=self.parametrization, method=self.method,
-            )
+            policy = self._guarded_policy(trainer, pl_module, undo) if self.metric else self.policy
+            if policy is None:
+                self.failure = f"accuracy guard: no setting keeps the drop within {self.max_accuracy_drop}"
+                rank_zero_info(f"LMDCompression: model kept dense. {self.failure}; trials: {self.guard['trials']}")
+                return
+            report = self._apply(pl_module, policy)
+            if self.metric:
+                self.guard["after"] = trainer_surgery.evaluate(trainer, pl_module, self.metric, self.guard_batches)
             trainer_surgery.rebuild(trainer, before)
         except Exception as err:  # leave the dense model training as before, and say why
             _undo(pl_module, undo)
@@ -190,10 +238,41 @@ class LMDCompression(Callback):
             return
         self._finish(trainer, report, why)
 
+    def _apply(self, pl_module: pl.LightningModule, policy: RankPolicy) -> CompressionReport:
+        return compress_(
+            pl_module, policy, include=self.include, exclude=self.exclude, filter_fn=self.filter_fn,
+            parametrization=self.parametrization, method=self.method,
+        )
+
+    def _guarded_policy(self, trainer: pl.Trainer, pl_module: pl.LightningModule, undo: dict) -> RankPolicy | None:
+        result = search_knob(
+            self.policy,
+            evaluate=lambda: trainer_surgery.evaluate(trainer, pl_module, self.metric, self.guard_batches),
+            apply=lambda policy: self._apply(pl_module, policy),
+            undo=lambda: _undo(pl_module, undo),
+            max_drop=self.max_accuracy_drop,
+            mode=self.mode,
+            steps=self.search_steps,
+        )
+        chosen = None if result.policy is None else result.policy.knob_value
+        self.guard = {"before": result.before, "after": None, "knob": chosen, "trials": result.trials}
+        for trial in result.trials:
+            rank_zero_info(
+                f"LMDCompression guard: {self.policy.knob or 'policy'}={trial['knob']} → {self.metric} "
+                f"{trial['metric']:.4f} (drop {trial['drop']:+.4f}, {trial['params']:,} params)"
+                f"{'' if trial['accepted'] else ' rejected'}"
+            )
+        return result.policy
+
     def _finish(self, trainer: pl.Trainer, report: CompressionReport, why: str) -> None:
         self.compressed, self.compressed_epoch = True, trainer.current_epoch
         self.reports.append(report.to_dict())
         rank_zero_info(f"LMDCompression: compressed at epoch {trainer.current_epoch} ({why}).\n{report}")
+        if self.guard is not None:
+            rank_zero_info(
+                f"LMDCompression: {self.metric} {self.guard['before']:.4f} before truncation, "
+                f"{self.guard['after']:.4f} right after it (before fine-tuning)"
+            )
 
     def _restore_structure(self, pl_module: pl.LightningModule, state_dict: dict[str, torch.Tensor]) -> None:
         rebuilt = restore_factored_(pl_module, state_dict)

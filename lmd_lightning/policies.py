@@ -8,6 +8,7 @@ r·(m+n) < m·n) is applied by `compress_` for every policy alike.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -68,6 +69,10 @@ class RankPolicy:
     max_rank: int | None = None  # never keep more than this rank
 
     needs_spectrum: ClassVar[bool] = True
+    # The one number that sets how hard the policy compresses, for searches over it (the
+    # callback's accuracy guard): its field name and its mildest and most aggressive values.
+    knob: ClassVar[str | None] = None
+    knob_range: ClassVar[tuple[float, float]] = (0.0, 0.0)  # (mild, aggressive)
 
     def __post_init__(self) -> None:
         _check_int(self.min_rank, "min_rank", 1)
@@ -75,6 +80,16 @@ class RankPolicy:
             _check_int(self.max_rank, "max_rank", 1)
             if self.max_rank < self.min_rank:
                 raise ValueError(f"`max_rank` ({self.max_rank}) must be >= `min_rank` ({self.min_rank})")
+
+    @property
+    def knob_value(self) -> float | None:
+        return None if self.knob is None else getattr(self, self.knob)
+
+    def with_knob(self, value: float) -> RankPolicy:
+        """The same policy with its knob set to `value` (validated like a new policy)."""
+        if self.knob is None:
+            raise ValueError(f"{type(self).__name__} has no knob to search over")
+        return dataclasses.replace(self, **{self.knob: value})
 
     def choose(self, layers: Sequence[LayerSpectrum]) -> list[int]:
         """One rank per layer, clamped to [min_rank, max_rank] and to the layer's own maximum."""
@@ -111,6 +126,8 @@ class RankRatio(RankPolicy):
     ratio: float  # fraction of full rank to keep, in (0, 1)
 
     needs_spectrum: ClassVar[bool] = False
+    knob: ClassVar[str] = "ratio"
+    knob_range: ClassVar[tuple[float, float]] = (0.999, 0.01)
 
     def __post_init__(self) -> None:
         _check_open_unit(self.ratio, "ratio")
@@ -137,6 +154,9 @@ class EnergyRank(RankPolicy):
 
     energy: float  # share of ‖W‖_F² to keep, in (0, 1)
 
+    knob: ClassVar[str] = "energy"
+    knob_range: ClassVar[tuple[float, float]] = (0.9999, 0.3)
+
     def __post_init__(self) -> None:
         _check_open_unit(self.energy, "energy")
         super().__post_init__()
@@ -150,6 +170,9 @@ class ErrorBound(RankPolicy):
     """Smallest r with ‖W − W_r‖_F ≤ eps·‖W‖_F: the margin of error ε of LMD Theorem 1."""
 
     eps: float  # relative Frobenius error allowed, in (0, 1)
+
+    knob: ClassVar[str] = "eps"
+    knob_range: ClassVar[tuple[float, float]] = (0.01, 0.85)
 
     def __post_init__(self) -> None:
         _check_open_unit(self.eps, "eps")
@@ -189,21 +212,23 @@ class GlobalBudget(RankPolicy):
     def __post_init__(self) -> None:
         if (self.params is None) == (self.flops is None):
             raise ValueError(f"give exactly one of `params` or `flops`, got params={self.params!r}, flops={self.flops!r}")
-        _check_open_unit(self.fraction, "params" if self.params is not None else "flops")
+        _check_open_unit(self.fraction, self.knob)
         super().__post_init__()
+
+    knob_range: ClassVar[tuple[float, float]] = (0.99, 0.02)
+
+    @property
+    def knob(self) -> str:  # type: ignore[override]
+        return "params" if self.params is not None else "flops"
 
     @property
     def fraction(self) -> float:
         return self.params if self.params is not None else self.flops
 
-    @property
-    def kind(self) -> str:
-        return "params" if self.params is not None else "flops"
-
     def choose(self, layers: Sequence[LayerSpectrum]) -> list[int]:
         if not layers:
             return []
-        with_bias = self.kind == "params"
+        with_bias = self.knob == "params"
         budget = self.fraction * sum(layer.cost_at(layer.max_rank, with_bias) for layer in layers)
         owners = self._drop_order(layers)
         lo, hi = 0, owners.numel()  # number of singular values dropped; hi drops all to min_rank

@@ -4,11 +4,14 @@
 - `gradient_unscale_factor`: the AMP scale still on the gradients at `on_before_optimizer_step`;
 - `rebuild`: after a module swap, re-run the user's `configure_optimizers`, carry the optimizer
   state of every surviving parameter over, continue the LR schedule, and re-wrap DDP;
-- `restore`: go back to the optimizers from before a swap that failed.
+- `restore`: go back to the optimizers from before a swap that failed;
+- `evaluate`: the user's validation metric on a few batches, outside Lightning's loops.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +20,7 @@ import torch
 from pytorch_lightning.callbacks import StochasticWeightAveraging, WeightAveraging
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
 
-__all__ = ["Snapshot", "check_supported", "gradient_unscale_factor", "rebuild", "restore", "snapshot"]
+__all__ = ["Snapshot", "check_supported", "evaluate", "gradient_unscale_factor", "rebuild", "restore", "snapshot"]
 
 
 def check_supported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -120,3 +123,73 @@ def rebuild(trainer: pl.Trainer, before: Snapshot) -> dict[str, Any]:
     pairs = zip(before.optimizers, after.optimizers)
     groups_match = all(len(old.param_groups) == len(new.param_groups) for old, new in pairs)
     return {"carried_states": carried, "groups_match": groups_match, "schedulers": len(after.lr_scheduler_configs)}
+
+
+def _batch_size(batch: Any) -> int:
+    if torch.is_tensor(batch):
+        return batch.shape[0] if batch.dim() else 1
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        return next((_batch_size(item) for item in batch if torch.is_tensor(item) or isinstance(item, (list, tuple))), 1)
+    return 1
+
+
+def _loaders(trainer: pl.Trainer) -> list:
+    loaders = trainer.val_dataloaders
+    if loaders is None:
+        raise ValueError("LMDCompression's accuracy guard needs validation data: pass val_dataloaders to fit()")
+    if isinstance(loaders, Mapping):
+        return list(loaders.values())
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+
+@torch.no_grad()
+def evaluate(trainer: pl.Trainer, pl_module: pl.LightningModule, metric: str, max_batches: int) -> float:
+    """Mean of `metric` as the user's `validation_step` logs it, over at most `max_batches` per loader.
+
+    `self.log`/`self.log_dict` are intercepted for the duration, so nothing reaches the loggers,
+    the progress bar or callbacks such as EarlyStopping. Values are weighted by batch size and,
+    under DDP, averaged over all processes.
+    """
+    sums: dict[str, float] = defaultdict(float)
+    weights: dict[str, float] = defaultdict(float)
+    stateful: dict[str, Any] = {}  # torchmetrics objects: they accumulate, computed once at the end
+    size = 1
+
+    def capture(name: str, value: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
+        if hasattr(value, "compute"):
+            stateful[name] = value
+            return
+        weight = batch_size or size
+        sums[name] += float(value) * weight
+        weights[name] += weight
+
+    def capture_dict(values: Mapping[str, Any], *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
+        for name, value in values.items():
+            capture(name, value, batch_size=batch_size)
+
+    was_training, loaders = pl_module.training, _loaders(trainer)
+    pl_module.log, pl_module.log_dict = capture, capture_dict  # instance attributes shadow the methods
+    pl_module.eval()
+    try:
+        for index, loader in enumerate(loaders):
+            extra = {"dataloader_idx": index} if len(loaders) > 1 else {}
+            for batch_idx, batch in enumerate(loader):
+                if batch_idx >= max_batches:
+                    break
+                size = _batch_size(batch)
+                pl_module.validation_step(trainer.strategy.batch_to_device(batch), batch_idx, **extra)
+    finally:
+        del pl_module.log, pl_module.log_dict
+        pl_module.train(was_training)
+    values = {name: float(obj.compute()) for name, obj in stateful.items()}
+    for obj in stateful.values():
+        obj.reset()  # leave no trace in the real validation epoch
+    if metric in values:
+        return values[metric]
+    if metric not in sums:
+        raise KeyError(f"`monitor` metric {metric!r} is not logged by validation_step; it logs: {sorted({*sums, *values})}")
+    totals = torch.tensor([sums[metric], weights[metric]], dtype=torch.float64, device=pl_module.device)
+    totals = trainer.strategy.reduce(totals, reduce_op="sum")
+    return float(totals[0] / totals[1])

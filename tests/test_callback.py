@@ -137,10 +137,10 @@ def test_model_without_candidates_raises_listing_modules() -> None:
     [
         ({"policy": "energy"}, TypeError, r"`policy` must be a RankPolicy"),
         ({"trigger": "loss"}, ValueError, r"`trigger` must be one of \('grad_norm', 'epoch'\)"),
-        ({"min_epochs": -1}, ValueError, r"`min_epochs` must be None or an int >= 0, got -1"),
+        ({"min_epochs": -1}, ValueError, r"`min_epochs` must be an int >= 0, got -1"),
         ({"max_epochs": 1.5}, ValueError, r"`max_epochs` must be None or an int >= 0, got 1.5"),
         ({"min_epochs": 5, "max_epochs": 3}, ValueError, r"`max_epochs` \(3\) must be >= `min_epochs` \(5\)"),
-        ({"every_n_steps": 0}, ValueError, r"`every_n_steps` must be None or an int >= 1, got 0"),
+        ({"every_n_steps": 0}, ValueError, r"`every_n_steps` must be an int >= 1, got 0"),
         ({"parametrization": "lora"}, ValueError, r"`parametrization` must be one of"),
         ({"method": "fast"}, ValueError, r"`method` must be one of"),
     ],

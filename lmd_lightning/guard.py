@@ -1,0 +1,75 @@
+"""The accuracy guard: search a policy's knob for the most compressive one-shot-safe setting.
+
+Weight-space knobs are poor proxies for accuracy (a LeNet-300-100 layer needs rank ~180 of 300
+to keep 90% of its weight energy, yet rank 20 loses 0.5 points one-shot), so the guard measures
+the monitored validation metric right before truncation and right after it, before any
+fine-tuning, and bisects the knob (energy, eps, ratio, budget) between the user's setting and
+the mild or aggressive end of its range. Framework-free: the caller supplies the callables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmd_lightning.policies import RankPolicy
+from lmd_lightning.report import CompressionReport
+
+__all__ = ["GuardResult", "search_knob"]
+
+
+@dataclass
+class GuardResult:
+    policy: RankPolicy | None  # the setting to apply; None keeps the model dense
+    before: float  # the metric on the dense model
+    trials: list[dict[str, Any]] = field(default_factory=list)  # knob, metric, drop, params, accepted
+
+
+def search_knob(
+    policy: RankPolicy,
+    evaluate: Callable[[], float],
+    apply: Callable[[RankPolicy], CompressionReport],
+    undo: Callable[[], None],
+    max_drop: float,
+    mode: str = "max",
+    steps: int = 5,
+) -> GuardResult:
+    """Most compressive knob whose one-shot drop of the metric stays within `max_drop`.
+
+    `apply(p)` compresses the live model with policy `p`, `undo()` puts the dense layers back,
+    `evaluate()` measures the metric. `mode="max"`: higher is better (accuracy); "min": lower is
+    better (loss). If the user's setting already passes with at most half the allowed drop, the
+    search moves towards the aggressive end; if it fails, towards the mild end; if even the
+    mildest setting fails, the result keeps the model dense (`policy=None`).
+    """
+    result = GuardResult(policy=None, before=evaluate())
+
+    def passes(candidate: RankPolicy) -> bool:
+        report = apply(candidate)
+        value = evaluate()
+        undo()
+        drop = result.before - value if mode == "max" else value - result.before
+        result.trials.append({
+            "knob": candidate.knob_value, "metric": value, "drop": drop,
+            "params": report.model_params_after, "accepted": drop <= max_drop,
+        })
+        return drop <= max_drop
+
+    if not passes(policy):
+        if policy.knob is None or not passes(policy.with_knob(policy.knob_range[0])):
+            return result
+        good, bad = policy.knob_range[0], policy.knob_value
+    elif policy.knob is None or result.trials[-1]["drop"] > max_drop / 2:
+        result.policy = policy
+        return result
+    elif passes(policy.with_knob(policy.knob_range[1])):
+        result.policy = policy.with_knob(policy.knob_range[1])
+        return result
+    else:
+        good, bad = policy.knob_value, policy.knob_range[1]
+    for _ in range(steps):
+        middle = (good + bad) / 2
+        good, bad = (middle, bad) if passes(policy.with_knob(middle)) else (good, middle)
+    result.policy = policy.with_knob(good)
+    return result

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+
+from lmd_lightning import EnergyRank, ErrorBound, FixedRank, GlobalBudget, LMDCompression, RankRatio
+from lmd_lightning.guard import search_knob
+from lmd_lightning.report import CompressionReport
+from tests.lightning_models import LitMLP, loaders, trainer
+
+
+class FakeModel:
+    """The metric falls linearly as the policy compresses harder: metric = quality(knob)."""
+
+    def __init__(self, quality) -> None:
+        self.quality, self.current, self.applied = quality, None, []
+
+    def apply(self, policy) -> CompressionReport:
+        self.current = policy
+        self.applied.append(policy.knob_value)
+        return CompressionReport([], 100, 50, repr(policy))
+
+    def undo(self) -> None:
+        self.current = None
+
+    def evaluate(self) -> float:
+        return 1.0 if self.current is None else self.quality(self.current)
+
+
+def run(policy, quality, max_drop: float, mode: str = "max", steps: int = 5):
+    fake = FakeModel(quality)
+    return search_knob(policy, fake.evaluate, fake.apply, fake.undo, max_drop, mode, steps), fake
+
+
+def test_moves_towards_aggressive_when_the_drop_is_much_smaller() -> None:
+    result, _ = run(EnergyRank(0.95), lambda p: p.energy + 0.05, max_drop=0.2 + 1e-12)
+    # metric = energy + 0.05 ≥ 0.8 ⇔ energy ≥ 0.75; five halvings of [0.95, 0.3] land within 0.0203 above.
+    assert 0.75 <= result.policy.energy <= 0.75 + 0.65 / 2**5
+    assert result.before == 1.0 and result.trials[0]["knob"] == 0.95 and result.trials[1]["knob"] == 0.3
+    assert all(t["accepted"] == (t["drop"] <= 0.2 + 1e-12) for t in result.trials)
+
+
+def test_moves_towards_mild_when_the_user_setting_fails() -> None:
+    result, _ = run(GlobalBudget(params=0.1), lambda p: 1.0 - (1.0 - p.params) / 2, max_drop=0.25)
+    # drop = (1 − f)/2 ≤ 0.25 ⇔ f ≥ 0.5
+    assert 0.5 <= result.policy.params <= 0.5 + 0.89 / 2**5
+
+
+def test_keeps_the_users_setting_when_its_drop_is_not_much_smaller() -> None:
+    result, fake = run(ErrorBound(0.3), lambda p: 1.0 - p.eps / 2, max_drop=0.2)  # drop 0.15 > 0.1
+    assert result.policy == ErrorBound(0.3) and fake.applied == [0.3]
+
+
+def test_dense_when_even_the_mildest_setting_fails() -> None:
+    result, fake = run(RankRatio(0.2), lambda p: 0.0, max_drop=0.1)
+    assert result.policy is None and fake.applied == [0.2, 0.999]
+
+
+@pytest.mark.parametrize("passes", [True, False])
+def test_policies_without_a_knob_are_accepted_or_refused(passes: bool) -> None:
+    result, _ = run(FixedRank(4), lambda p: 1.0 if passes else 0.0, max_drop=0.1)
+    assert result.policy == (FixedRank(4) if passes else None) and len(result.trials) == 1
+
+
+def test_min_mode_for_losses() -> None:
+    result, _ = run(EnergyRank(0.9), lambda p: 1.0 + (1.0 - p.energy), max_drop=0.05, mode="min")
+    assert 0.95 - 1e-9 <= result.policy.energy <= 0.9999
+
+
+def fit_with(callback: LMDCompression, max_epochs: int = 4):
+    pl.seed_everything(0, verbose=False)
+    model = LitMLP(max_epochs=max_epochs)
+    train, val = loaders()
+    trainer(max_epochs, [callback]).fit(model, train, val)
+    return model
+
+
+def test_guard_in_training_records_before_after_and_respects_the_drop() -> None:
+    lmd = LMDCompression(EnergyRank(0.9), trigger="epoch", min_epochs=2, exclude="net.4",
+                         monitor="val_acc", max_accuracy_drop=0.03, guard_batches=1)
+    fit_with(lmd)
+    assert lmd.compressed and lmd.guard["trials"]
+    assert lmd.guard["before"] - lmd.guard["after"] <= 0.03
+    chosen = lmd.guard["knob"]
+    accepted = [t["knob"] for t in lmd.guard["trials"] if t["accepted"]]
+    assert chosen in accepted
+    assert lmd.reports[0]["policy"].startswith("EnergyRank") and f"energy={chosen}" in lmd.reports[0]["policy"]
+
+
+def test_unlogged_monitor_raises_at_the_first_validation() -> None:
+    lmd = LMDCompression(EnergyRank(0.9), monitor="val_accuracy", max_accuracy_drop=0.01)
+    with pytest.raises(KeyError, match=r"'val_accuracy' was not logged in validation; available: \['train_loss', 'val_acc'\]"):
+        fit_with(lmd, max_epochs=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"monitor": "val_acc"}, ValueError, "give `monitor` and `max_accuracy_drop` together"),
+        ({"max_accuracy_drop": 0.01}, ValueError, "give `monitor` and `max_accuracy_drop` together"),
+        ({"monitor": 3, "max_accuracy_drop": 0.01}, TypeError, "`monitor` must be the name"),
+        ({"monitor": "val_acc", "max_accuracy_drop": -0.1}, ValueError, r"`max_accuracy_drop` must be a number >= 0, got -0.1"),
+        ({"mode": "up"}, ValueError, r"`mode` must be 'max' or 'min', got 'up'"),
+        ({"guard_batches": 0}, ValueError, r"`guard_batches` must be an int >= 1, got 0"),
+    ],
+)
+def test_invalid_guard_arguments(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        LMDCompression(EnergyRank(0.9), **kwargs)
