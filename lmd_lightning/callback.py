@@ -21,12 +21,12 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from lmd_lightning import trainer_surgery
 from lmd_lightning.compress import compress_, restore_factored_
 from lmd_lightning.convergence import ConvergenceMonitor, grad_norm
-from lmd_lightning.factored import PARAMETRIZATIONS, FactoredModule
+from lmd_lightning.factored import PARAMETRIZATIONS
 from lmd_lightning.guard import search_knob
 from lmd_lightning.policies import RankPolicy
 from lmd_lightning.report import CompressionReport
 from lmd_lightning.svd import METHODS
-from lmd_lightning.targets import FilterFn, Patterns, find_targets, swap_module
+from lmd_lightning.targets import FilterFn, Patterns, find_targets, undo, undo_record
 
 __all__ = ["LMDCompression"]
 
@@ -54,6 +54,11 @@ class LMDCompression(Callback):
             None: two thirds of the Trainer's `max_epochs` (rounded down, at least `min_epochs`),
             late enough for training to have gone somewhere, early enough to leave a third of
             the epochs for fine-tuning.
+        rounds: compress iteratively. Round k uses `policy.for_round(k, rounds)` (a share of
+            what is left each round, so that the last round reaches the policy's target) once
+            ‖∇L‖ has re-converged after the previous one; forced epochs are spread evenly up to
+            `max_epochs`. With trigger="epoch" round k happens at the k-th of those epochs,
+            the first at `min_epochs`.
         every_n_steps: measure ‖∇L‖ every this many optimizer steps.
         parametrization / method: passed to `compress_`.
         monitor / max_accuracy_drop: the accuracy guard. The metric `monitor`, as logged by
@@ -70,6 +75,7 @@ class LMDCompression(Callback):
         include: Patterns = None,
         exclude: Patterns = None,
         filter_fn: FilterFn | None = None,
+        rounds: int = 1,
         min_epochs: int = 1,
         max_epochs: int | None = None,
         every_n_steps: int = 1,
@@ -90,6 +96,9 @@ class LMDCompression(Callback):
         if max_epochs is not None and max_epochs < min_epochs:
             raise ValueError(f"`max_epochs` ({max_epochs}) must be >= `min_epochs` ({min_epochs})")
         _check_int(every_n_steps, "every_n_steps", 1)
+        _check_int(rounds, "rounds", 1)
+        if rounds > 1 and policy.knob is None:
+            raise ValueError(f"`rounds`={rounds} needs a policy with a knob to spread over rounds; {policy!r} has none")
         if parametrization not in PARAMETRIZATIONS:
             raise ValueError(f"`parametrization` must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
         if method not in METHODS:
@@ -118,8 +127,8 @@ class LMDCompression(Callback):
         self.include, self.exclude, self.filter_fn = include, exclude, filter_fn
         self.min_epochs, self.max_epochs, self.every_n_steps = min_epochs, max_epochs, every_n_steps
         self.parametrization, self.method = parametrization, method
-        self.compressed = False  # has the swap happened?
-        self.compressed_epoch: int | None = None
+        self.rounds = rounds
+        self.compressed_epochs: list[int] = []  # the epoch of each round done
         self.reports: list[dict[str, Any]] = []  # CompressionReport.to_dict() of each compression
         self.failure: str | None = None  # why compression was abandoned, if it was
         self._force_epoch: int | None = None
@@ -142,7 +151,7 @@ class LMDCompression(Callback):
         pl_module.strict_loading = self._user_strict
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        if not self.compressed and self.trigger == "grad_norm" and trainer.global_step % self.every_n_steps == 0:
+        if self.round < self.rounds and self.trigger == "grad_norm" and trainer.global_step % self.every_n_steps == 0:
             self._measure(trainer, pl_module, optimizer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -155,8 +164,7 @@ class LMDCompression(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "compressed": self.compressed,
-            "compressed_epoch": self.compressed_epoch,
+            "compressed_epochs": self.compressed_epochs,
             "reports": self.reports,
             "failure": self.failure,
             "guard": self.guard,
@@ -164,7 +172,7 @@ class LMDCompression(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.compressed, self.compressed_epoch = state_dict["compressed"], state_dict["compressed_epoch"]
+        self.compressed_epochs = list(state_dict["compressed_epochs"])
         self.reports, self.failure, self.guard = state_dict["reports"], state_dict["failure"], state_dict["guard"]
         self.convergence.load_state_dict(state_dict["convergence"])
 
@@ -183,6 +191,20 @@ class LMDCompression(Callback):
             names = [name for name, _ in pl_module.named_modules() if name]
             raise ValueError(f"LMDCompression found no Linear/Conv2d layer it can compress; the modules are: {names}")
 
+    @property
+    def round(self) -> int:
+        """Compression rounds done so far."""
+        return len(self.compressed_epochs)
+
+    @property
+    def compressed(self) -> bool:
+        return self.round > 0
+
+    @property
+    def compressed_epoch(self) -> int | None:
+        """The epoch of the latest round."""
+        return self.compressed_epochs[-1] if self.compressed_epochs else None
+
     def _forced_epoch(self, trainer: pl.Trainer) -> int | None:
         if self.max_epochs is not None:
             return self.max_epochs
@@ -191,13 +213,26 @@ class LMDCompression(Callback):
             return None
         return max(self.min_epochs, (2 * trainer.max_epochs) // 3)
 
-    def _due(self, epoch: int) -> bool:
-        if self.compressed or self.failure is not None or epoch < self.min_epochs:
-            return False
+    def _deadline(self, k: int) -> int | None:
+        """The epoch by which round k (1-based) happens: scheduled (trigger="epoch") or forced."""
+        last = self._force_epoch
         if self.trigger == "epoch":
-            return epoch == self.min_epochs
-        forced = self._force_epoch is not None and epoch >= self._force_epoch
-        return self.convergence.converged or forced
+            if self.rounds == 1:
+                return self.min_epochs
+            span = (last - self.min_epochs) if last is not None else self.rounds - 1
+            return self.min_epochs + (span * (k - 1)) // (self.rounds - 1)
+        if last is None:
+            return None
+        return self.min_epochs + ((last - self.min_epochs) * k) // self.rounds
+
+    def _due(self, epoch: int) -> bool:
+        if self.round >= self.rounds or self.failure is not None or epoch < self.min_epochs:
+            return False
+        if self.compressed_epochs and epoch <= self.compressed_epochs[-1]:
+            return False  # at most one round per epoch
+        deadline = self._deadline(self.round + 1)
+        reached = deadline is not None and epoch >= deadline
+        return reached if self.trigger == "epoch" else (self.convergence.converged or reached)
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         norm = grad_norm(p.grad for p in pl_module.parameters() if p.grad is not None)
@@ -219,9 +254,11 @@ class LMDCompression(Callback):
 
     def _compress(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         why = self.convergence.reason if self.convergence.converged else f"epoch {trainer.current_epoch} reached"
-        undo, before = _undo_record(pl_module), trainer_surgery.snapshot(trainer)
+        record, before = undo_record(pl_module), trainer_surgery.snapshot(trainer)
         try:
-            policy = self._guarded_policy(trainer, pl_module, undo) if self.metric else self.policy
+            policy = self.policy.for_round(self.round + 1, self.rounds)
+            if self.metric:
+                policy = self._guarded_policy(trainer, pl_module, record, policy)
             if policy is None:
                 self.failure = f"accuracy guard: no setting keeps the drop within {self.max_accuracy_drop}"
                 rank_zero_info(f"LMDCompression: model kept dense. {self.failure}; trials: {self.guard['trials']}")
@@ -231,7 +268,7 @@ class LMDCompression(Callback):
                 self.guard["after"] = trainer_surgery.evaluate(trainer, pl_module, self.metric, self.guard_batches)
             trainer_surgery.rebuild(trainer, before)
         except Exception as err:  # leave the dense model training as before, and say why
-            _undo(pl_module, undo)
+            undo(pl_module, record)
             trainer_surgery.restore(trainer, before)
             self.failure = f"{type(err).__name__}: {err}"
             rank_zero_warn(f"LMDCompression: compression failed, training continues dense. {self.failure}")
@@ -244,12 +281,14 @@ class LMDCompression(Callback):
             parametrization=self.parametrization, method=self.method,
         )
 
-    def _guarded_policy(self, trainer: pl.Trainer, pl_module: pl.LightningModule, undo: dict) -> RankPolicy | None:
+    def _guarded_policy(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict, policy: RankPolicy
+    ) -> RankPolicy | None:
         result = search_knob(
-            self.policy,
+            policy,
             evaluate=lambda: trainer_surgery.evaluate(trainer, pl_module, self.metric, self.guard_batches),
             apply=lambda policy: self._apply(pl_module, policy),
-            undo=lambda: _undo(pl_module, undo),
+            undo=lambda: undo(pl_module, record),
             max_drop=self.max_accuracy_drop,
             mode=self.mode,
             steps=self.search_steps,
@@ -258,16 +297,18 @@ class LMDCompression(Callback):
         self.guard = {"before": result.before, "after": None, "knob": chosen, "trials": result.trials}
         for trial in result.trials:
             rank_zero_info(
-                f"LMDCompression guard: {self.policy.knob or 'policy'}={trial['knob']} → {self.metric} "
+                f"LMDCompression guard: {policy.knob or 'policy'}={trial['knob']} → {self.metric} "
                 f"{trial['metric']:.4f} (drop {trial['drop']:+.4f}, {trial['params']:,} params)"
                 f"{'' if trial['accepted'] else ' rejected'}"
             )
         return result.policy
 
     def _finish(self, trainer: pl.Trainer, report: CompressionReport, why: str) -> None:
-        self.compressed, self.compressed_epoch = True, trainer.current_epoch
-        self.reports.append(report.to_dict())
-        rank_zero_info(f"LMDCompression: compressed at epoch {trainer.current_epoch} ({why}).\n{report}")
+        self.compressed_epochs.append(trainer.current_epoch)
+        self.reports.append({**report.to_dict(), "epoch": trainer.current_epoch, "trigger": why})
+        self.convergence.reset()  # the next round waits for fine-tuning to re-converge
+        where = f"round {self.round}/{self.rounds} at epoch {trainer.current_epoch}"
+        rank_zero_info(f"LMDCompression: compressed, {where} ({why}).\n{report}")
         if self.guard is not None:
             rank_zero_info(
                 f"LMDCompression: {self.metric} {self.guard['before']:.4f} before truncation, "
@@ -281,21 +322,3 @@ class LMDCompression(Callback):
         if rebuilt:
             rank_zero_info(f"LMDCompression: rebuilt {len(rebuilt)} factored layers from the checkpoint")
 
-
-def _undo_record(model: torch.nn.Module) -> dict[str, Any]:
-    """What compress_ can change: the module objects, and the parameters of factored ones."""
-    return {
-        "modules": {name: module for name, module in model.named_modules()},
-        "factors": {
-            name: dict(module._parameters) for name, module in model.named_modules() if isinstance(module, FactoredModule)
-        },
-    }
-
-
-def _undo(model: torch.nn.Module, record: dict[str, Any]) -> None:
-    current = dict(model.named_modules())
-    for name, module in record["modules"].items():
-        if name and name in current and current[name] is not module:
-            swap_module(model, current[name], module)
-    for name, params in record["factors"].items():
-        record["modules"][name]._parameters.update(params)

@@ -91,6 +91,22 @@ class RankPolicy:
             raise ValueError(f"{type(self).__name__} has no knob to search over")
         return dataclasses.replace(self, **{self.knob: value})
 
+    def for_round(self, k: int, rounds: int) -> RankPolicy:
+        """The policy for round `k` of `rounds` of iterative compression, reaching this one at the last.
+
+        Each round is applied to the model the previous rounds left, so relative targets are
+        split geometrically: keeping a share q^(1/R) of what is left, R times, keeps q in total.
+        """
+        if rounds == 1:
+            return self
+        if self.knob is None:
+            raise ValueError(f"{type(self).__name__} has no knob to spread over rounds; use rounds=1")
+        return self.with_knob(self._round_knob(k, rounds))
+
+    def _round_knob(self, k: int, rounds: int) -> float:
+        """Default for a kept fraction of what is left (energy, budget): the R-th root each round."""
+        return self.knob_value ** (1 / rounds)
+
     def choose(self, layers: Sequence[LayerSpectrum]) -> list[int]:
         """One rank per layer, clamped to [min_rank, max_rank] and to the layer's own maximum."""
         return [self.clamp(self.rank_for(layer), layer) for layer in layers]
@@ -135,6 +151,10 @@ class RankRatio(RankPolicy):
 
     def rank_for(self, layer: LayerSpectrum) -> int:
         return max(1, round(self.ratio * layer.full_rank))
+
+    def _round_knob(self, k: int, rounds: int) -> float:
+        # The ratio is of the full rank, not of what is left: step linearly towards it.
+        return 1 - (1 - self.ratio) * k / rounds
 
 
 def _smallest_rank_keeping(s: Tensor, energy: float) -> int:
@@ -181,6 +201,9 @@ class ErrorBound(RankPolicy):
     def rank_for(self, layer: LayerSpectrum) -> int:
         # ‖W − W_r‖² / ‖W‖² = 1 − energy kept, so the bound is an energy of 1 − eps².
         return _smallest_rank_keeping(layer.s, 1.0 - self.eps**2)
+
+    def _round_knob(self, k: int, rounds: int) -> float:
+        return math.sqrt(1 - (1 - self.eps**2) ** (1 / rounds))
 
 
 @dataclass(frozen=True)

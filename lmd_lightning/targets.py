@@ -18,7 +18,7 @@ from torch.nn.parameter import UninitializedParameter
 
 from lmd_lightning.factored import FactoredModule
 
-__all__ = ["Target", "disable_fused_fast_paths", "find_targets", "module_names", "swap_module"]
+__all__ = ["Target", "disable_fused_fast_paths", "find_targets", "module_names", "swap_module", "undo", "undo_record"]
 
 Patterns = str | Sequence[str] | None
 FilterFn = Callable[[str, nn.Module], bool]
@@ -122,3 +122,19 @@ def disable_fused_fast_paths(model: nn.Module) -> list[str]:
                 changed.append(name)
     return changed
 
+
+def undo_record(model: nn.Module) -> dict:
+    """What `compress_` can change: the module objects, and the parameters of factored ones."""
+    modules = dict(model.named_modules())
+    factors = {name: dict(m._parameters) for name, m in modules.items() if isinstance(m, FactoredModule)}
+    return {"modules": modules, "factors": factors}
+
+
+def undo(model: nn.Module, record: dict) -> None:
+    """Put back what `undo_record` saw: swapped modules first, then shrunk factors."""
+    current = dict(model.named_modules())
+    for name, module in record["modules"].items():
+        if name and name in current and current[name] is not module:
+            swap_module(model, current[name], module)
+    for name, params in record["factors"].items():
+        record["modules"][name]._parameters.update(params)

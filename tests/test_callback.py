@@ -74,8 +74,9 @@ def test_grad_norm_trigger_fires_before_the_forced_epoch() -> None:
     monitor = ConvergenceMonitor(window=5, patience=2, plateau_tol=0.2, min_steps=10)
     lmd = LMDCompression(EnergyRank(0.9), trigger=monitor, min_epochs=1, exclude="net.4")
     fit([lmd], max_epochs=9)
-    assert lmd.compressed and monitor.converged and monitor.reason
+    assert lmd.compressed and "‖∇L‖ EMA" in lmd.reports[0]["trigger"]
     assert 1 <= lmd.compressed_epoch < 6  # forced epoch would be 2/3 of 9 = 6
+    assert not monitor.converged  # reset after the round, ready for the next one
 
 
 def test_forced_epoch_when_the_monitor_never_fires() -> None:
@@ -148,3 +149,28 @@ def test_model_without_candidates_raises_listing_modules() -> None:
 def test_invalid_arguments(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         LMDCompression(**{"policy": FixedRank(2), **kwargs})
+
+
+def test_rounds_shrink_iteratively_on_schedule() -> None:
+    lmd = LMDCompression(EnergyRank(0.64), trigger="epoch", rounds=2, min_epochs=1, exclude="net.4")
+    model, _ = fit([lmd], max_epochs=6)
+    assert lmd.compressed_epochs == [1, 4]  # first at min_epochs, last at 2/3 of max_epochs
+    first, second = ({la["name"]: la for la in report["layers"]} for report in lmd.reports)
+    assert "energy=0.8)" in lmd.reports[0]["policy"] and "energy=0.8)" in lmd.reports[1]["policy"]  # √0.64
+    assert first["net.0"]["rank"] is not None
+    assert second["net.0"]["kind"] == "FactoredLinear" and second["net.0"]["rank"] < first["net.0"]["rank"]
+    assert model.net[0].rank == second["net.0"]["rank"]
+
+
+def test_rounds_forced_when_the_monitor_never_fires() -> None:
+    lmd = LMDCompression(RankRatio(0.25), trigger=ConvergenceMonitor(min_steps=10**9), rounds=2, exclude="net.4")
+    model, _ = fit([lmd], max_epochs=6)
+    assert lmd.compressed_epochs == [2, 4]
+    assert model.net[2].rank == 16  # the last round reaches the policy's target, 0.25 · 64
+
+
+def test_rounds_need_a_knob() -> None:
+    with pytest.raises(ValueError, match=r"`rounds`=2 needs a policy with a knob"):
+        LMDCompression(FixedRank(4), rounds=2)
+    with pytest.raises(ValueError, match=r"`rounds` must be an int >= 1, got 0"):
+        LMDCompression(EnergyRank(0.9), rounds=0)

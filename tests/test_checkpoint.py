@@ -46,7 +46,7 @@ def test_checkpoint_reads_with_weights_only_and_holds_callback_state(tmp_path: P
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert checkpoint["state_dict"]["net.0.U"].shape == (64, 8)
     state = next(value for key, value in checkpoint["callbacks"].items() if key.startswith("LMDCompression"))
-    assert state["compressed"] and state["compressed_epoch"] == 1
+    assert state["compressed_epochs"] == [1] and state["reports"][0]["epoch"] == 1
     assert state["reports"][0]["layers"][0]["rank"] == 8
 
 
