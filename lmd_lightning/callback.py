@@ -162,6 +162,10 @@ class LMDCompression(Callback):
         if self._due(trainer.current_epoch):
             self._compress(trainer, pl_module)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.guard is not None and self.metric in trainer.callback_metrics:
+            self._report_final(float(trainer.callback_metrics[self.metric]))
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "compressed_epochs": self.compressed_epochs,
@@ -314,6 +318,13 @@ class LMDCompression(Callback):
                 f"LMDCompression: {self.metric} {self.guard['before']:.4f} before truncation, "
                 f"{self.guard['after']:.4f} right after it (before fine-tuning)"
             )
+
+    def _report_final(self, value: float) -> None:
+        self.guard["final"] = value
+        rank_zero_info(
+            f"LMDCompression: {self.metric} {self.guard['before']:.4f} dense, {self.guard['after']:.4f} right after "
+            f"truncation, {value:.4f} after fine-tuning"
+        )
 
     def _restore_structure(self, pl_module: pl.LightningModule, state_dict: dict[str, torch.Tensor]) -> None:
         rebuilt = restore_factored_(pl_module, state_dict)

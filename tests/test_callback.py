@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lmd_lightning import ConvergenceMonitor, EnergyRank, FactoredLinear, FixedRank, LMDCompression, RankRatio
+from lmd_lightning import ConvergenceMonitor, EnergyRank, FactoredLinear, FixedRank, GlobalBudget, LMDCompression, RankRatio
 from tests.lightning_models import LitMLP, loaders, trainer
 
 
@@ -174,3 +174,21 @@ def test_rounds_need_a_knob() -> None:
         LMDCompression(FixedRank(4), rounds=2)
     with pytest.raises(ValueError, match=r"`rounds` must be an int >= 1, got 0"):
         LMDCompression(EnergyRank(0.9), rounds=0)
+
+
+@pytest.mark.slow
+def test_end_to_end_four_times_smaller_within_one_point_of_dense() -> None:
+    def run(callbacks: list) -> tuple[float, pl.Trainer]:
+        pl.seed_everything(0, verbose=False)
+        model = LitMLP(width=256, max_epochs=12)
+        train, val = loaders()
+        t = trainer(12, callbacks)
+        t.fit(model, train, val)
+        return float(t.callback_metrics["val_acc"]), t
+
+    dense_acc, _ = run([])
+    lmd = LMDCompression(GlobalBudget(params=0.2), exclude="net.4")
+    compressed_acc, _ = run([lmd])
+    totals = lmd.reports[0]["totals"]
+    assert totals["params_before"] / totals["params_after"] >= 4.0  # the dense layers it targeted
+    assert compressed_acc >= dense_acc - 0.01

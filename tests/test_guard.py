@@ -81,6 +81,7 @@ def test_guard_in_training_records_before_after_and_respects_the_drop() -> None:
     fit_with(lmd)
     assert lmd.compressed and lmd.guard["trials"]
     assert lmd.guard["before"] - lmd.guard["after"] <= 0.03
+    assert 0.5 < lmd.guard["final"] <= 1.0  # the validation metric after fine-tuning
     chosen = lmd.guard["knob"]
     accepted = [t["knob"] for t in lmd.guard["trials"] if t["accepted"]]
     assert chosen in accepted
