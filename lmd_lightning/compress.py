@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import UninitializedParameter
 
 from lmd_lightning.factored import PARAMETRIZATIONS, FactoredLinear, FactoredModule, copy_requires_grad
 from lmd_lightning.factored_conv import FactoredConv2d, conv_matrix
@@ -39,12 +40,16 @@ class _Plan:
     factors: Factors | None = None
 
 
-def _param_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters(recurse=False))
+def _param_count(module: nn.Module, recurse: bool = False) -> int:
+    """Parameters that exist: lazy modules' uninitialised ones count as none."""
+    return sum(p.numel() for p in module.parameters(recurse=recurse) if not isinstance(p, UninitializedParameter))
 
 
 def _start_plan(target: Target) -> _Plan:
     module = target.module
+    if isinstance(getattr(module, "weight", None), UninitializedParameter):  # lazy: no shape yet
+        report = LayerReport(target.name, type(module).__name__, (), 0, None, None, 0, 0, 0, 0, reason=target.skip_reason)
+        return _Plan(target, report)
     if isinstance(module, FactoredModule):
         out_dim, fan_in, rank = module.U.shape[0], module.V.shape[0], module.rank
         shape = (out_dim, module.in_features) if isinstance(module, FactoredLinear) else (
@@ -158,7 +163,7 @@ def compress_(
     Returns a CompressionReport; every layer left dense carries its reason.
     """
     _validate(model, policy, parametrization, method)
-    params_before = sum(p.numel() for p in model.parameters())
+    params_before = _param_count(model, recurse=True)
     plans = [_start_plan(target) for target in find_targets(model, include, exclude, filter_fn)]
     active = [plan for plan in plans if plan.report.reason is None]
     for plan in active:
@@ -174,7 +179,7 @@ def compress_(
         if plan.factors is not None:
             _apply(model, plan, parametrization)
     notes = [f"fused fast path disabled in `{name}`" for name in disable_fused_fast_paths(model)]
-    report = CompressionReport([plan.report for plan in plans], params_before, sum(p.numel() for p in model.parameters()), repr(policy), notes)
+    report = CompressionReport([plan.report for plan in plans], params_before, _param_count(model, recurse=True), repr(policy), notes)
     for layer in report.dense:
         log.info("lmd_lightning: `%s` unchanged: %s", layer.name, layer.reason)
     return report

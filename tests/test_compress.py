@@ -272,3 +272,12 @@ def test_non_finite_factor_of_a_factored_layer_raises() -> None:
     with pytest.raises(ValueError, match="layer `fc2` has 1 non-finite"):
         compress_(model, FixedRank(4))
     assert model.fc1.rank == 8  # nothing was shrunk
+
+
+def test_lazy_module_stays_dense_with_a_reason() -> None:
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.LazyLinear(32))
+    report = compress_(model, FixedRank(4))
+    assert isinstance(model[0], FactoredLinear)
+    lazy = next(layer for layer in report.layers if layer.name == "2")
+    assert "not initialised" in lazy.reason and lazy.params_before == 0
+    assert model(torch.randn(3, 64)).shape == (3, 32)  # still materialises on first use
