@@ -132,6 +132,7 @@ class LMDCompression(Callback):
         self.reports: list[dict[str, Any]] = []  # CompressionReport.to_dict() of each compression
         self.failure: str | None = None  # why compression was abandoned, if it was
         self._force_epoch: int | None = None
+        self._params: list[torch.nn.Parameter] = []  # refreshed every epoch start, after any swap
         self._user_strict = True
 
     # ---- Lightning hooks: each hands off to a private method ----
@@ -161,6 +162,7 @@ class LMDCompression(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._due(trainer.current_epoch):
             self._compress(trainer, pl_module)
+        self._params = [p for p in pl_module.parameters() if p.requires_grad]  # swaps happen only above
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.guard is not None and self.metric in trainer.callback_metrics:
@@ -239,7 +241,7 @@ class LMDCompression(Callback):
         return reached if self.trigger == "epoch" else (self.convergence.converged or reached)
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        norm = grad_norm(p.grad for p in pl_module.parameters() if p.grad is not None)
+        norm = grad_norm(p.grad for p in self._params)
         factor = trainer_surgery.gradient_unscale_factor(trainer, optimizer)
         was = self.convergence.converged
         if self.convergence.update(norm if factor is None else norm * factor, trainer.global_step) and not was:

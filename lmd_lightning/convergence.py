@@ -5,8 +5,9 @@ basin and a truncation within that radius changes the loss by less than ε (LMD.
 Minibatch noise keeps ‖∇L‖ from reaching zero, so the monitor smooths it with an EMA and calls
 training converged when the EMA has plateaued or has fallen far below its peak.
 
-Framework-free: torch only. The running state lives in tensors on the gradients' device, so an
-update costs no host synchronisation; the monitor reads numbers back once per `window` updates.
+Framework-free: torch only. Norms are written into a small buffer on the gradients' device (one
+copy per step, no host synchronisation); once per `window` updates the monitor reads the buffer
+back, advances the EMA over it and checks the criteria.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ def grad_norm(grads: Iterable[Tensor]) -> Tensor:
     if not grads:
         return torch.tensor(0.0)
     norms = torch._foreach_norm(grads)  # one kernel per dtype/device group, no host sync
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    if len({n.dtype for n in norms}) > 1:
+        norms = [n.float() for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms)).float()
 
 
 def _check(value: Any, arg: str, low: float, high: float = math.inf, *, integer: bool = False, open_low: bool = False) -> None:
@@ -68,9 +71,11 @@ class ConvergenceMonitor:
 
     def reset(self) -> None:
         """Forget everything: used after each compression round, before fine-tuning re-converges."""
-        self._ema: Tensor | None = None  # biased EMA, on the gradients' device
-        self._updates: Tensor | None = None  # finite updates, as a tensor to avoid syncs
-        self._calls = 0  # every call to update(), finite or not
+        self._buffer: Tensor | None = None  # (window,) norms not yet folded into the EMA
+        self._pending = 0
+        self._ema_raw = 0.0  # biased EMA over finite norms
+        self.updates = 0  # finite norms folded in
+        self.calls = 0  # every call to update(), finite or not
         self.nonfinite = 0
         self.peak = 0.0
         self.last_check_ema: float | None = None
@@ -78,39 +83,38 @@ class ConvergenceMonitor:
         self.converged = False
         self.converged_step: int | None = None
         self.reason: str | None = None
-        self._nonfinite_pending: Tensor | None = None
 
     @property
     def ema(self) -> float | None:
-        """The bias-corrected EMA of ‖∇L‖ (a host sync)."""
-        if self._ema is None or int(self._updates) == 0:
-            return None
-        return float(self._ema / (1 - self.beta ** int(self._updates)))
+        """The bias-corrected EMA of ‖∇L‖ as of the last check; None before any finite norm."""
+        return self._ema_raw / (1 - self.beta**self.updates) if self.updates else None
 
     def update(self, grad_norm: Tensor | float, step: int) -> bool:
         """Feed one gradient norm measured at optimizer step `step`; returns `converged`."""
         if self.converged:
             return True
-        norm = torch.as_tensor(grad_norm, dtype=torch.float32).detach()
-        finite = torch.isfinite(norm)
-        if self._ema is None:
-            self._ema = torch.zeros((), device=norm.device)
-            self._updates = torch.zeros((), device=norm.device, dtype=torch.long)
-            self._nonfinite_pending = torch.zeros((), device=norm.device, dtype=torch.long)
-        elif self._ema.device != norm.device:  # restored from a checkpoint onto the host
-            self._ema, self._updates = self._ema.to(norm.device), self._updates.to(norm.device)
-            self._nonfinite_pending = self._nonfinite_pending.to(norm.device)
-        self._ema = torch.where(finite, self.beta * self._ema + (1 - self.beta) * norm.nan_to_num(), self._ema)
-        self._updates += finite.long()
-        self._nonfinite_pending += (~finite).long()
-        self._calls += 1
-        if self._calls % self.window == 0:
+        norm = torch.as_tensor(grad_norm).detach()
+        if self._buffer is None or self._buffer.device != norm.device:
+            self._buffer = torch.empty(self.window, dtype=torch.float32, device=norm.device)
+        self._buffer[self._pending] = norm
+        self._pending += 1
+        self.calls += 1
+        if self._pending == self.window:
+            self._fold(self._buffer.tolist())
             self._check(step)
         return self.converged
 
+    def _fold(self, values: list[float]) -> None:
+        """Advance the EMA over `values`; non-finite ones are counted and skipped."""
+        self._pending = 0
+        for value in values:
+            if math.isfinite(value):
+                self._ema_raw = self.beta * self._ema_raw + (1 - self.beta) * value
+                self.updates += 1
+            else:
+                self.nonfinite += 1
+
     def _check(self, step: int) -> None:
-        self.nonfinite += int(self._nonfinite_pending)
-        self._nonfinite_pending.zero_()
         ema = self.ema
         if ema is None:
             return
@@ -119,7 +123,7 @@ class ConvergenceMonitor:
         if previous is not None and previous > 0:
             plateau = abs(ema - previous) / previous < self.plateau_tol
             self.streak = self.streak + 1 if plateau else 0
-        if int(self._updates) < self.min_steps:
+        if self.updates < self.min_steps:
             return
         if self.streak >= self.patience:
             self._declare(step, f"‖∇L‖ EMA changed < {self.plateau_tol:.0%} per {self.window} steps for {self.streak} checks")
@@ -131,24 +135,19 @@ class ConvergenceMonitor:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python numbers only, so checkpoints load with torch.load(weights_only=True)."""
-        ema = None if self._ema is None else float(self._ema)
-        updates = 0 if self._updates is None else int(self._updates)
-        pending = 0 if self._nonfinite_pending is None else int(self._nonfinite_pending)
-        return {
-            "ema_raw": ema, "updates": updates, "calls": self._calls, "nonfinite": self.nonfinite + pending,
-            "peak": self.peak, "last_check_ema": self.last_check_ema, "streak": self.streak,
-            "converged": self.converged, "converged_step": self.converged_step, "reason": self.reason,
-        }
+        pending = [] if self._buffer is None else self._buffer[: self._pending].tolist()
+        keys = ("updates", "calls", "nonfinite", "peak", "last_check_ema", "streak", "converged", "converged_step", "reason")
+        return {"ema_raw": self._ema_raw, "pending": pending, **{key: getattr(self, key) for key in keys}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reset()
-        if state["ema_raw"] is not None:
-            self._ema = torch.tensor(state["ema_raw"])
-            self._updates = torch.tensor(state["updates"])
-            self._nonfinite_pending = torch.zeros((), dtype=torch.long)
-        self._calls, self.nonfinite, self.peak = state["calls"], state["nonfinite"], state["peak"]
-        self.last_check_ema, self.streak = state["last_check_ema"], state["streak"]
-        self.converged, self.converged_step, self.reason = state["converged"], state["converged_step"], state["reason"]
+        for key, value in state.items():
+            if key not in ("ema_raw", "pending"):
+                setattr(self, key, value)
+        self._ema_raw = state["ema_raw"]
+        if state["pending"]:
+            self._buffer = torch.tensor(state["pending"] + [0.0] * (self.window - len(state["pending"])))
+            self._pending = len(state["pending"])
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,163 @@
+"""Overheads of LMDCompression: ‖∇L‖ monitoring per training step, and the swap + optimizer rebuild.
+
+    python -m benchmarks.bench_callback [--quick] [--repeats 5]
+
+Model: the quick start's MNIST-1D MLP (40→512→512→512→10, 551k parameters), batch 100, SGD with
+momentum and a cosine schedule, no validation. Both contenders train in this process, in
+alternating order, and the medians are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from benchmarks.common import write_result
+from lmd_lightning import ConvergenceMonitor, EnergyRank, LMDCompression, trainer_surgery
+from lmd_lightning.data import load_mnist1d
+from lmd_lightning.quickstart import mlp
+
+
+class MLPModule(pl.LightningModule):
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.net, self.epochs = mlp(), epochs
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.epochs)}
+
+
+class EpochTimer(pl.Callback):
+    """Wall time of each training epoch (no validation runs)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def fit(loader: DataLoader, epochs: int, callbacks: list) -> tuple[float, int]:
+    """Median epoch time after the first epoch, and the steps per epoch."""
+    pl.seed_everything(0, verbose=False)
+    timer = EpochTimer()
+    trainer = pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, limit_val_batches=0, callbacks=[*callbacks, timer],
+    )
+    trainer.fit(MLPModule(epochs), loader)
+    return statistics.median(timer.times[1:]), trainer.num_training_batches
+
+
+class TimedHook(LMDCompression):
+    """Monitoring only, with the wall time spent inside the ‖∇L‖ hook accumulated."""
+
+    def __init__(self, every_n_steps: int = 1) -> None:
+        super().__init__(
+            EnergyRank(0.7), trigger=ConvergenceMonitor(min_steps=10**9), min_epochs=10**6, every_n_steps=every_n_steps
+        )
+        self.hook_seconds, self.hook_calls = 0.0, 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        start = time.perf_counter()
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self.hook_seconds += time.perf_counter() - start
+        self.hook_calls += 1
+
+
+def overhead_table(loader: DataLoader, epochs: int, repeats: int) -> str:
+    every = (1, 4)
+    plain: list[float] = []
+    epoch_times: dict[int, list[float]] = {n: [] for n in every}
+    hook_times: dict[int, list[float]] = {n: [] for n in every}
+    for _ in range(repeats):
+        t, steps = fit(loader, epochs, [])
+        plain.append(t)
+        for n in every:
+            callback = TimedHook(n)
+            epoch_times[n].append(fit(loader, epochs, [callback])[0])
+            hook_times[n].append(callback.hook_seconds / steps / (epochs))  # hook time per training step
+    a = statistics.median(plain)
+    lines = [
+        "| run | median epoch time | end-to-end overhead | time in the ‖∇L‖ hook per step | hook share of a step |",
+        "|---|---:|---:|---:|---:|",
+        f"| no callback | {a * 1e3:.1f} ms | — | — | — |",
+    ]
+    for n in every:
+        b, h = statistics.median(epoch_times[n]), statistics.median(hook_times[n])
+        lines.append(
+            f"| LMDCompression, ‖∇L‖ every {n} step{'s' if n > 1 else ''} | {b * 1e3:.1f} ms | {100 * (b - a) / a:+.2f}% "
+            f"| {h * 1e3:.3f} ms | {100 * h * steps / a:.2f}% |"
+        )
+    lines += [
+        "",
+        f"{steps} steps of batch 100 per epoch ({a / steps * 1e3:.2f} ms each); medians over {repeats} runs each "
+        f"(alternating) of the median epoch time of epochs 2–{epochs}. Goal: overhead ≤ 2%. End-to-end differences "
+        f"are within the run-to-run spread (plain runs {min(plain) * 1e3:.1f}–{max(plain) * 1e3:.1f} ms), so the hook's "
+        "own time, accumulated inside the same runs, is the sharper number.",
+    ]
+    return "\n".join(lines)
+
+
+def swap_table(loader: DataLoader, epochs: int) -> str:
+    timings: dict[str, float] = {}
+    real_rebuild, real_apply = trainer_surgery.rebuild, LMDCompression._apply
+
+    def timed_rebuild(trainer, before):
+        start = time.perf_counter()
+        out = real_rebuild(trainer, before)
+        timings["rebuild"] = time.perf_counter() - start
+        return out
+
+    def timed_apply(self, pl_module, policy):
+        start = time.perf_counter()
+        out = real_apply(self, pl_module, policy)
+        timings["compress_"] = time.perf_counter() - start
+        return out
+
+    trainer_surgery.rebuild, LMDCompression._apply = timed_rebuild, timed_apply
+    try:
+        fit(loader, epochs, [LMDCompression(EnergyRank(0.7), trigger="epoch", min_epochs=1, exclude="net.6")])
+    finally:
+        trainer_surgery.rebuild, LMDCompression._apply = real_rebuild, real_apply
+    return "\n".join([
+        "| step at the swap | time |",
+        "|---|---:|",
+        f"| `compress_` (spectra, ranks, factors, swap) of 3 layers, EnergyRank(0.7) | {timings['compress_'] * 1e3:.1f} ms |",
+        f"| optimizer + scheduler rebuild with state carry-over | {timings['rebuild'] * 1e3:.2f} ms |",
+    ])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    split = load_mnist1d()["train"]
+    n = 400 if args.quick else len(split.y)
+    loader = DataLoader(TensorDataset(split.x[:n], split.y[:n]), batch_size=100, shuffle=True)
+    epochs, repeats = (2, 1) if args.quick else (6, args.repeats)
+    body = "## ‖∇L‖ monitoring overhead\n\n" + overhead_table(loader, epochs, repeats)
+    body += "\n\n## Swap and optimizer rebuild\n\n" + swap_table(loader, 2)
+    name = "callback_overhead_quick" if args.quick else "callback_overhead"
+    command = "python -m benchmarks.bench_callback" + (" --quick" if args.quick else "")
+    path = write_result(name, "LMDCompression overheads", body, command)
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
