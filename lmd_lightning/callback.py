@@ -20,7 +20,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lmd_lightning import trainer_surgery
 from lmd_lightning.compress import compress_, restore_factored_
-from lmd_lightning.convergence import ConvergenceMonitor, grad_norm
+from lmd_lightning.convergence import ConvergenceMonitor, tensor_norms
 from lmd_lightning.factored import PARAMETRIZATIONS
 from lmd_lightning.guard import search_knob
 from lmd_lightning.policies import RankPolicy
@@ -60,6 +60,8 @@ class LMDCompression(Callback):
             `max_epochs`. With trigger="epoch" round k happens at the k-th of those epochs,
             the first at `min_epochs`.
         every_n_steps: measure ‖∇L‖ every this many optimizer steps.
+        per_layer_norms: also keep each layer's gradient norm (`convergence.latest_layer_norms`)
+            and log it as `lmd/grad_norm/<layer>` at every epoch end, next to `lmd/grad_norm_ema`.
         parametrization / method: passed to `compress_`.
         monitor / max_accuracy_drop: the accuracy guard. The metric `monitor`, as logged by
             `validation_step`, is measured on `guard_batches` validation batches per loader right
@@ -79,6 +81,7 @@ class LMDCompression(Callback):
         min_epochs: int = 1,
         max_epochs: int | None = None,
         every_n_steps: int = 1,
+        per_layer_norms: bool = False,
         parametrization: str = "balanced",
         method: str = "auto",
         monitor: str | None = None,
@@ -121,6 +124,9 @@ class LMDCompression(Callback):
         self.guard_batches, self.search_steps = guard_batches, search_steps
         self.guard: dict[str, Any] | None = None  # metric before/after and every trial of the search
         self._metric_checked = False
+        if not isinstance(per_layer_norms, bool):
+            raise TypeError(f"`per_layer_norms` must be a bool, got {per_layer_norms!r}")
+        self.per_layer_norms = per_layer_norms
         self.policy = policy
         self.trigger = trigger if isinstance(trigger, str) else "grad_norm"
         self.convergence = trigger if isinstance(trigger, ConvergenceMonitor) else ConvergenceMonitor()
@@ -133,6 +139,7 @@ class LMDCompression(Callback):
         self.failure: str | None = None  # why compression was abandoned, if it was
         self._force_epoch: int | None = None
         self._params: list[torch.nn.Parameter] = []  # refreshed every epoch start, after any swap
+        self._layers: dict[str, list[int]] = {}  # module name → indices into _params
         self._user_strict = True
 
     # ---- Lightning hooks: each hands off to a private method ----
@@ -162,7 +169,15 @@ class LMDCompression(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._due(trainer.current_epoch):
             self._compress(trainer, pl_module)
-        self._params = [p for p in pl_module.parameters() if p.requires_grad]  # swaps happen only above
+        named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]  # after any swap
+        self._params = [p for _, p in named]
+        self._layers = {}
+        for index, (name, _) in enumerate(named):
+            self._layers.setdefault(name.rpartition(".")[0], []).append(index)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.trigger == "grad_norm" and self.convergence.ema is not None:
+            self._log_norms(pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.guard is not None and self.metric in trainer.callback_metrics:
@@ -241,14 +256,24 @@ class LMDCompression(Callback):
         return reached if self.trigger == "epoch" else (self.convergence.converged or reached)
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        norm = grad_norm(p.grad for p in self._params)
+        norms = tensor_norms(p.grad if p.grad is not None else torch.zeros(()) for p in self._params)  # (k,)
         factor = trainer_surgery.gradient_unscale_factor(trainer, optimizer)
+        if factor is not None:
+            norms = norms * factor
+        layers = None
+        if self.per_layer_norms:
+            layers = {name: torch.linalg.vector_norm(norms[idx]) for name, idx in self._layers.items()}
         was = self.convergence.converged
-        if self.convergence.update(norm if factor is None else norm * factor, trainer.global_step) and not was:
+        if self.convergence.update(torch.linalg.vector_norm(norms), trainer.global_step, layers) and not was:
             rank_zero_info(
                 f"LMDCompression: converged at step {trainer.global_step} ({self.convergence.reason}); "
                 f"‖∇L‖ EMA {self.convergence.ema:.4g}, peak {self.convergence.peak:.4g}. Compressing at the next epoch."
             )
+
+    def _log_norms(self, pl_module: pl.LightningModule) -> None:
+        pl_module.log("lmd/grad_norm_ema", self.convergence.ema)
+        for name, norm in self.convergence.latest_layer_norms.items():
+            pl_module.log(f"lmd/grad_norm/{name}", float(norm))
 
     def _check_metric(self, trainer: pl.Trainer) -> None:
         if self.metric not in trainer.callback_metrics:

@@ -19,18 +19,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ConvergenceMonitor", "grad_norm"]
+__all__ = ["ConvergenceMonitor", "grad_norm", "tensor_norms"]
+
+
+def tensor_norms(grads: Iterable[Tensor]) -> Tensor:
+    """‖g_i‖₂ of each gradient as one float32 vector (k,): one fused kernel, no host sync."""
+    grads = list(grads)
+    if not grads:
+        return torch.zeros(0)
+    norms = torch._foreach_norm(grads)  # one kernel per dtype/device group
+    return torch.stack([n.float() for n in norms] if len({n.dtype for n in norms}) > 1 else norms).float()
 
 
 def grad_norm(grads: Iterable[Tensor]) -> Tensor:
-    """‖g‖₂ over all gradients as one 0-dim tensor: per-tensor norms fused, then one norm."""
-    grads = [g for g in grads if g is not None]
-    if not grads:
-        return torch.tensor(0.0)
-    norms = torch._foreach_norm(grads)  # one kernel per dtype/device group, no host sync
-    if len({n.dtype for n in norms}) > 1:
-        norms = [n.float() for n in norms]
-    return torch.linalg.vector_norm(torch.stack(norms)).float()
+    """‖g‖₂ over all gradients (None skipped) as a 0-dim tensor: per-tensor norms fused, then one norm."""
+    return torch.linalg.vector_norm(tensor_norms(g for g in grads if g is not None))
 
 
 def _check(value: Any, arg: str, low: float, high: float = math.inf, *, integer: bool = False, open_low: bool = False) -> None:
@@ -83,14 +86,20 @@ class ConvergenceMonitor:
         self.converged = False
         self.converged_step: int | None = None
         self.reason: str | None = None
+        self.latest_layer_norms: dict[str, Tensor] = {}
 
     @property
     def ema(self) -> float | None:
         """The bias-corrected EMA of ‖∇L‖ as of the last check; None before any finite norm."""
         return self._ema_raw / (1 - self.beta**self.updates) if self.updates else None
 
-    def update(self, grad_norm: Tensor | float, step: int) -> bool:
-        """Feed one gradient norm measured at optimizer step `step`; returns `converged`."""
+    def update(self, grad_norm: Tensor | float, step: int, layer_norms: dict[str, Tensor] | None = None) -> bool:
+        """Feed one gradient norm measured at optimizer step `step`; returns `converged`.
+
+        `layer_norms` (name → norm), when given, is kept as `latest_layer_norms` for inspection.
+        """
+        if layer_norms is not None:
+            self.latest_layer_norms = layer_norms
         if self.converged:
             return True
         norm = torch.as_tensor(grad_norm).detach()

@@ -192,3 +192,19 @@ def test_end_to_end_four_times_smaller_within_one_point_of_dense() -> None:
     totals = lmd.reports[0]["totals"]
     assert totals["params_before"] / totals["params_after"] >= 4.0  # the dense layers it targeted
     assert compressed_acc >= dense_acc - 0.01
+
+
+def test_per_layer_norms_and_ema_are_logged() -> None:
+    monitor = ConvergenceMonitor(window=5, min_steps=10**9)
+    lmd = LMDCompression(FixedRank(8), trigger=monitor, per_layer_norms=True, min_epochs=5)  # never compresses
+    _, t = fit([lmd], max_epochs=2)
+    metrics = t.callback_metrics
+    assert float(metrics["lmd/grad_norm_ema"]) == pytest.approx(lmd.convergence.ema)
+    layers = {k.removeprefix("lmd/grad_norm/"): float(v) for k, v in metrics.items() if k.startswith("lmd/grad_norm/")}
+    assert set(layers) == {"net.0", "net.2", "net.4"}
+    # The layer norms of the last step compose to that step's global norm.
+    last = lmd.convergence.latest_layer_norms
+    total = sum(float(v) ** 2 for v in last.values()) ** 0.5
+    assert total == pytest.approx(lmd.convergence._buffer[(lmd.convergence.calls - 1) % 5].item(), rel=1e-5)
+    with pytest.raises(TypeError, match="`per_layer_norms` must be a bool"):
+        LMDCompression(FixedRank(8), per_layer_norms="yes")
