@@ -42,6 +42,14 @@ SETTINGS: list[tuple[str, dict]] = [
     ("rel_tol=0.1", {"rel_tol": 0.1}),
     ("rel_tol=0.02", {"rel_tol": 0.02}),
 ]
+# Beyond the brief's one-at-a-time grid: a smoother EMA (tests how much the plateau criterion relies on
+# minibatch noise to stay quiet), a looser decay threshold, and the combination this file recommends.
+EXTRA: list[tuple[str, dict]] = [
+    ("beta=0.98", {"beta": 0.98}),
+    ("rel_tol=0.2", {"rel_tol": 0.2}),
+    ("rel_tol=0.1, patience=5", {"rel_tol": 0.1, "patience": 5}),
+]
+ALL = SETTINGS + EXTRA
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -55,6 +63,7 @@ class Run:
     ema: list[float] = field(default_factory=list)  # bias-corrected EMA (beta=0.9) at each epoch end
     norms: list[float] = field(default_factory=list)  # raw ‖∇L‖ of every step, in memory only
     fired: dict[str, tuple[int, str]] = field(default_factory=dict)  # setting → (global step, reason)
+    streak: dict[str, list[int]] = field(default_factory=dict)  # setting → highest plateau streak per epoch
 
     def fire_epoch(self, setting: str) -> int | None:
         """1-based epoch during which the monitor fired, None if it never did."""
@@ -97,14 +106,14 @@ def train_run(optimizer: str, seed: int, epochs: int, train: Split, val: Split) 
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(train.y) / BATCH)
     run = Run(optimizer, seed, steps_per_epoch)
-    monitors = {name: ConvergenceMonitor(**{**DEFAULTS, **over}) for name, over in SETTINGS}
+    monitors = {name: ConvergenceMonitor(**{**DEFAULTS, **over}) for name, over in ALL}
     # An observer that never fires, checked once per epoch: its EMA is the defaults' EMA at epoch ends.
     observer = ConvergenceMonitor(beta=DEFAULTS["beta"], window=steps_per_epoch, patience=10**9, rel_tol=0.0)
     params = list(model.parameters())
     step = 0
     model.train()
     for _ in range(epochs):
-        losses = []
+        losses, streak = [], dict.fromkeys(monitors, 0)
         for idx in torch.randperm(len(train.y), generator=gen).split(BATCH):
             loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
             opt.zero_grad(set_to_none=True)
@@ -113,6 +122,7 @@ def train_run(optimizer: str, seed: int, epochs: int, train: Split, val: Split) 
             for name, monitor in monitors.items():
                 if not monitor.converged and monitor.update(norm, step):
                     run.fired[name] = (monitor.converged_step, monitor.reason)
+                streak[name] = max(streak[name], monitor.streak)
             observer.update(norm, step)
             run.norms.append(float(norm))
             losses.append(float(loss.detach()))
@@ -120,6 +130,8 @@ def train_run(optimizer: str, seed: int, epochs: int, train: Split, val: Split) 
             step += 1
         if sched is not None:
             sched.step()
+        for name, value in streak.items():
+            run.streak.setdefault(name, []).append(value)
         run.train_loss.append(statistics.fmean(losses))
         run.val_acc.append(accuracy(model, val))
         run.ema.append(observer.ema)
@@ -131,27 +143,33 @@ def mean_std(values: list[float], fmt: str = "{:.1f}") -> str:
         return "—"
     if len(values) == 1:
         return fmt.format(values[0])
-    return f"{fmt.format(statistics.fmean(values))} ± {fmt.format(statistics.stdev(values))}"
+    return f"{fmt.format(statistics.fmean(values))} ± {statistics.stdev(values):.1f}"
 
 
-def settings_table(runs: list[Run]) -> str:
+def settings_table(runs: list[Run], settings: list[tuple[str, dict]]) -> str:
     lines = [
-        "| setting | fired | fire epoch | criterion | fire − reference (epochs) | val acc at fire − run max (pts) |",
-        "|---|---:|---:|---|---:|---:|",
+        "| setting | fired | fire epoch (per seed) | criterion | fire − reference (epochs) "
+        "| val acc at fire − run max (pts) | same, 3-epoch smoothed | highest plateau streak before the reference |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
     ]
-    for name, _ in SETTINGS:
+    for name, over in settings:
+        patience = {**DEFAULTS, **over}["patience"]
+        streaks = [max(r.streak[name][: r.reference_epoch() - 1], default=0) for r in runs]
+        streak = f"{', '.join(map(str, streaks))} (of {patience})"
+        label = f"**{name}**" if name == "defaults" else name
         fired = [r for r in runs if name in r.fired]
+        if not fired:
+            lines.append(f"| {label} | 0/{len(runs)} | never | — | — | — | — | {streak} |")
+            continue
         epochs = [r.fire_epoch(name) for r in fired]
         lag = [r.fire_epoch(name) - r.reference_epoch() for r in fired]
         gap = [r.val_acc[r.fire_epoch(name) - 1] - max(r.val_acc) for r in fired]
+        gap_smooth = [r.smoothed()[r.fire_epoch(name) - 1] - max(r.smoothed()) for r in fired]
         kinds = sorted({criterion(r.fired[name][1]) for r in fired})
-        label = f"**{name}**" if name == "defaults" else name
-        if not fired:
-            lines.append(f"| {label} | 0/{len(runs)} | never | — | — | — |")
-            continue
         lines.append(
             f"| {label} | {len(fired)}/{len(runs)} | {mean_std(epochs)} ({', '.join(map(str, epochs))}) "
-            f"| {'/'.join(kinds)} | {mean_std(lag, '{:+.1f}')} | {mean_std(gap, '{:+.1f}')} |"
+            f"| {'/'.join(kinds)} | {mean_std(lag, '{:+.1f}')} | {mean_std(gap, '{:+.1f}')} "
+            f"| {mean_std(gap_smooth, '{:+.1f}')} | {streak} |"
         )
     return "\n".join(lines)
 
@@ -225,13 +243,17 @@ def main(argv: list[str] | None = None) -> None:
         + "; each other row changes one of them. Fire epoch: the 1-based epoch during which the monitor "
         "fired (per seed in brackets); reference: first epoch whose 3-epoch-smoothed val accuracy is within "
         "1 point of the run's smoothed maximum. A negative fire − reference means the monitor fired while "
-        "val accuracy was still climbing. Mean ± std over the seeds that fired.",
+        "val accuracy was still climbing. Mean ± std over the seeds that fired. Highest plateau streak: the "
+        "most consecutive plateau checks the monitor saw before the reference epoch, per seed: the margin by "
+        "which the plateau criterion stayed quiet while accuracy was still climbing.",
     ]
     titles = {"adam": "Adam, lr 1e-3 constant", "sgd": "SGD, lr 0.05, momentum 0.9, cosine over the run"}
     for opt in OPTIMIZERS:
         body += [
             f"## {titles[opt]}",
-            settings_table(runs[opt]),
+            settings_table(runs[opt], SETTINGS),
+            "Beyond the grid:",
+            settings_table(runs[opt], EXTRA),
             "### Runs",
             runs_table(runs[opt]),
             "### Trace (mean over seeds)",
@@ -244,7 +266,43 @@ def main(argv: list[str] | None = None) -> None:
     print(path.read_text())
 
 
-READING = "(to be written after the full run)"
+READING = """\
+Numbers from the tables above (training is deterministic per seed on CPU; a rerun gives the same).
+
+**Defaults: sensible, never early, late under SGD.** In all 6 runs the defaults fired on the *decay*
+criterion (`monitor.reason` "‖∇L‖ EMA fell to …% of its peak"); their plateau criterion never fired.
+Adam: epoch 24.0 ± 1.0 against a reference of 18.0 (+6.0 ± 2.0 epochs); SGD + cosine: 30.3 ± 0.6
+against 19.3 (+11.0 ± 1.0, three quarters into the run). Accuracy had converged by then: the
+smoothed val accuracy at the firing epoch is 1.1 (Adam) / 0.3 (SGD) points under its maximum, the
+same level the runs end at. No run fired early, none failed to fire.
+
+**The plateau criterion is the fragile part.** From epoch 4 to 11 ‖∇L‖ sits flat at ~1.9 (EMA
+1.94 → 2.02 for Adam) while val accuracy climbs 50 → 63%: a flat gradient norm is not a sign of
+convergence here. It only falls once the training loss goes under ~0.1 (memorisation). The defaults'
+plateau check stays quiet only because minibatch noise (β = 0.9 averages ~10 steps) moves the EMA by
+more than 5% between checks; even so it reached 2 of its 3 checks before the reference in 4 of 6
+runs. Every loosening fires at epoch 6–18 with accuracy 4–16 points below its maximum: patience=2
+(3 of 6 runs, epochs 6, 7, 7), window=25 (SGD: 3 of 3, epochs 7, 7, 18), plateau_tol=0.1 (epochs
+7 and 14), and a smoother EMA, beta=0.98 (epochs 7, 9, 16). Tightening it (plateau_tol=0.02,
+patience=5, window=100) changes nothing, because decay fires first.
+
+**rel_tol sets the timing.** 0.02 fires at 28 (Adam) and 38.7 (SGD, via plateau: under the cosine
+schedule the EMA floors at 3.8–4.1% of its peak, so 2% is never reached); 0.05 crosses that floor with
+only ~1 point to spare; 0.1 fires at 23.0 ± 1.7 / 23.7 ± 0.6 (+5.0 / +4.3 epochs), never early (the
+smallest lag is +2), with accuracy at firing as close to the maximum as the defaults (smoothed −1.0 /
+−0.6 points). 0.2 comes closer still (+3.7 / +3.0) but in Adam seed 2 fires exactly at the reference
+epoch (19), with no margin left. Closest to the reference without firing early: **rel_tol=0.1**.
+
+**Recommendation.** Change `rel_tol` 0.05 → 0.1: it halves the SGD delay (11 → 4.3 epochs) at no cost in
+accuracy and stays clear of the ~4% floor where the EMA settles under cosine SGD. Raise `patience` 3 →
+5 as a margin against the near-miss plateau (streak 2 of 3 seen before convergence in 4 of 6 runs):
+here it changes no firing epoch ("rel_tol=0.1, patience=5" equals "rel_tol=0.1"), so this rests on the
+margin, not on an observed failure of 3. Keep beta=0.9, window=50, plateau_tol=0.05, min_steps=100.
+Limits: one small task whose MLP memorises its 3,600 training samples (train loss → 0.001–0.006, ‖∇L‖
+falls 25–140×); a 400-sample val set (0.25-point steps, noisy single epochs); checks only every 50 steps
+(1.4 epochs). Where ‖∇L‖ does not fall ≥10× (strong regularisation, data too large to memorise) only
+the plateau route can fire, and this benchmark does not test it there.
+"""
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lmd_lightning import trainer_surgery
 from lmd_lightning.compress import compress_, restore_factored_
@@ -28,7 +27,7 @@ from lmd_lightning.report import CompressionReport
 from lmd_lightning.svd import METHODS
 from lmd_lightning.targets import FilterFn, Patterns, find_targets, undo, undo_record
 
-__all__ = ["LMDCompression"]
+__all__ = ["LMDCompression", "LMDCompressionBase"]
 
 log = logging.getLogger("lmd_lightning")
 TRIGGERS = ("grad_norm", "epoch")
@@ -41,8 +40,11 @@ def _check_int(value: Any, arg: str, low: int, optional: bool = False) -> None:
         raise ValueError(f"`{arg}` must be {'None or ' if optional else ''}an int >= {low}, got {value!r}")
 
 
-class LMDCompression(Callback):
+class LMDCompressionBase:
     """Truncate dense layers by SVD once ‖∇L‖ has converged, then fine-tune the factored model.
+
+    The implementation, shared by `LMDCompression` (for `pytorch_lightning`) and
+    `lmd_lightning.lightning.LMDCompression` (for the unified `lightning` package).
 
     Args:
         policy: how many singular values each layer keeps (EnergyRank, GlobalBudget, …).
@@ -140,11 +142,13 @@ class LMDCompression(Callback):
         self._force_epoch: int | None = None
         self._params: list[torch.nn.Parameter] = []  # refreshed every epoch start, after any swap
         self._layers: dict[str, list[int]] = {}  # module name → indices into _params
+        self._lightning: Any = None  # pytorch_lightning or lightning.pytorch, set at setup
         self._user_strict = True
 
     # ---- Lightning hooks: each hands off to a private method ----
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._lightning = trainer_surgery.lightning_of(trainer)
         trainer_surgery.check_supported(trainer, pl_module)
         self._check_targets(pl_module)
         self._force_epoch = self._forced_epoch(trainer)
@@ -199,6 +203,12 @@ class LMDCompression(Callback):
 
     # ---- the work ----
 
+    def _info(self, message: str) -> None:
+        self._lightning.utilities.rank_zero_info(message)
+
+    def _warn(self, message: str) -> None:
+        self._lightning.utilities.rank_zero_warn(message)
+
     @property
     def ranks(self) -> dict[str, int]:
         """Layer name → rank after the last compression."""
@@ -230,7 +240,7 @@ class LMDCompression(Callback):
         if self.max_epochs is not None:
             return self.max_epochs
         if trainer.max_epochs is None or trainer.max_epochs < 0:
-            rank_zero_warn("LMDCompression: the Trainer has no max_epochs, so compression is never forced")
+            self._warn("LMDCompression: the Trainer has no max_epochs, so compression is never forced")
             return None
         return max(self.min_epochs, (2 * trainer.max_epochs) // 3)
 
@@ -265,7 +275,7 @@ class LMDCompression(Callback):
             layers = {name: torch.linalg.vector_norm(norms[idx]) for name, idx in self._layers.items()}
         was = self.convergence.converged
         if self.convergence.update(torch.linalg.vector_norm(norms), trainer.global_step, layers) and not was:
-            rank_zero_info(
+            self._info(
                 f"LMDCompression: converged at step {trainer.global_step} ({self.convergence.reason}); "
                 f"‖∇L‖ EMA {self.convergence.ema:.4g}, peak {self.convergence.peak:.4g}. Compressing at the next epoch."
             )
@@ -292,7 +302,7 @@ class LMDCompression(Callback):
                 policy = self._guarded_policy(trainer, pl_module, record, policy)
             if policy is None:
                 self.failure = f"accuracy guard: no setting keeps the drop within {self.max_accuracy_drop}"
-                rank_zero_info(f"LMDCompression: model kept dense. {self.failure}; trials: {self.guard['trials']}")
+                self._info(f"LMDCompression: model kept dense. {self.failure}; trials: {self.guard['trials']}")
                 return
             report = self._apply(pl_module, policy)
             if self.metric:
@@ -302,7 +312,7 @@ class LMDCompression(Callback):
             undo(pl_module, record)
             trainer_surgery.restore(trainer, before)
             self.failure = f"{type(err).__name__}: {err}"
-            rank_zero_warn(f"LMDCompression: compression failed, training continues dense. {self.failure}")
+            self._warn(f"LMDCompression: compression failed, training continues dense. {self.failure}")
             return
         self._finish(trainer, report, why)
 
@@ -327,7 +337,7 @@ class LMDCompression(Callback):
         chosen = None if result.policy is None else result.policy.knob_value
         self.guard = {"before": result.before, "after": None, "knob": chosen, "trials": result.trials}
         for trial in result.trials:
-            rank_zero_info(
+            self._info(
                 f"LMDCompression guard: {policy.knob or 'policy'}={trial['knob']} → {self.metric} "
                 f"{trial['metric']:.4f} (drop {trial['drop']:+.4f}, {trial['params']:,} params)"
                 f"{'' if trial['accepted'] else ' rejected'}"
@@ -339,16 +349,16 @@ class LMDCompression(Callback):
         self.reports.append({**report.to_dict(), "epoch": trainer.current_epoch, "trigger": why})
         self.convergence.reset()  # the next round waits for fine-tuning to re-converge
         where = f"round {self.round}/{self.rounds} at epoch {trainer.current_epoch}"
-        rank_zero_info(f"LMDCompression: compressed, {where} ({why}).\n{report}")
+        self._info(f"LMDCompression: compressed, {where} ({why}).\n{report}")
         if self.guard is not None:
-            rank_zero_info(
+            self._info(
                 f"LMDCompression: {self.metric} {self.guard['before']:.4f} before truncation, "
                 f"{self.guard['after']:.4f} right after it (before fine-tuning)"
             )
 
     def _report_final(self, value: float) -> None:
         self.guard["final"] = value
-        rank_zero_info(
+        self._info(
             f"LMDCompression: {self.metric} {self.guard['before']:.4f} dense, {self.guard['after']:.4f} right after "
             f"truncation, {value:.4f} after fine-tuning"
         )
@@ -358,5 +368,8 @@ class LMDCompression(Callback):
         pl_module.load_state_dict(state_dict, strict=self._user_strict)
         pl_module.strict_loading = self._user_strict
         if rebuilt:
-            rank_zero_info(f"LMDCompression: rebuilt {len(rebuilt)} factored layers from the checkpoint")
+            self._info(f"LMDCompression: rebuilt {len(rebuilt)} factored layers from the checkpoint")
 
+
+class LMDCompression(LMDCompressionBase, Callback):
+    __doc__ = LMDCompressionBase.__doc__

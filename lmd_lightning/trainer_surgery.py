@@ -15,25 +15,39 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import importlib
+from types import ModuleType
+
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import StochasticWeightAveraging, WeightAveraging
-from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
 
-__all__ = ["Snapshot", "check_supported", "evaluate", "gradient_unscale_factor", "rebuild", "restore", "snapshot"]
+__all__ = [
+    "Snapshot", "check_supported", "evaluate", "gradient_unscale_factor", "lightning_of", "rebuild", "restore", "snapshot",
+]
+
+
+def lightning_of(trainer: pl.Trainer) -> ModuleType:
+    """`pytorch_lightning` or `lightning.pytorch`: the package this trainer comes from."""
+    unified = type(trainer).__module__.split(".")[0] == "lightning"
+    return importlib.import_module("lightning.pytorch" if unified else "pytorch_lightning")
+
+
+def _is_ddp(trainer: pl.Trainer) -> bool:
+    return isinstance(trainer.strategy, lightning_of(trainer).strategies.DDPStrategy)
 
 
 def check_supported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """Raise at setup for what cannot work, rather than failing at the swap."""
-    strategy = trainer.strategy
-    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+    strategy, L = trainer.strategy, lightning_of(trainer)
+    if isinstance(strategy, (L.strategies.FSDPStrategy, L.strategies.DeepSpeedStrategy)):
         raise NotImplementedError(
             f"LMDCompression does not support {type(strategy).__name__} yet: sharded weights must be gathered "
             "before truncation and re-sharded after it. Use a single device or strategy='ddp'."
         )
-    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+    if not isinstance(strategy, (L.strategies.SingleDeviceStrategy, L.strategies.DDPStrategy)):
         raise NotImplementedError(f"LMDCompression supports single-device and DDP strategies, got {type(strategy).__name__}")
-    averaging = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, (StochasticWeightAveraging, WeightAveraging))]
+    averaging_types = (L.callbacks.StochasticWeightAveraging, L.callbacks.WeightAveraging)
+    averaging = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, averaging_types)]
     if averaging:
         raise ValueError(
             f"LMDCompression cannot run with {averaging}: the averaged copy of the model keeps the dense layers, "
@@ -74,7 +88,7 @@ def snapshot(trainer: pl.Trainer) -> Snapshot:
 
 def _rewrap_ddp(trainer: pl.Trainer) -> None:
     strategy = trainer.strategy
-    if isinstance(strategy, DDPStrategy):
+    if _is_ddp(trainer):
         strategy.model = strategy.lightning_module  # unwrap: the old wrapper holds the old parameters
         strategy.configure_ddp()
 
