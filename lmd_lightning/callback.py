@@ -21,9 +21,10 @@ from lmd_lightning import trainer_surgery
 from lmd_lightning.compress import compress_, restore_factored_
 from lmd_lightning.convergence import ConvergenceMonitor, tensor_norms
 from lmd_lightning.factored import PARAMETRIZATIONS
-from lmd_lightning.guard import search_knob
+from lmd_lightning.guard import check_guard_arguments, search_knob
 from lmd_lightning.policies import RankPolicy
 from lmd_lightning.report import CompressionReport
+from lmd_lightning.schedule import Schedule, default_last_epoch
 from lmd_lightning.svd import METHODS
 from lmd_lightning.targets import FilterFn, Patterns, find_targets, undo, undo_record
 
@@ -108,20 +109,7 @@ class LMDCompressionBase:
             raise ValueError(f"`parametrization` must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
         if method not in METHODS:
             raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
-        if (monitor is None) != (max_accuracy_drop is None):
-            raise ValueError(
-                f"give `monitor` and `max_accuracy_drop` together, got monitor={monitor!r}, "
-                f"max_accuracy_drop={max_accuracy_drop!r}"
-            )
-        if monitor is not None and not isinstance(monitor, str):
-            raise TypeError(f"`monitor` must be the name of a logged validation metric, got {monitor!r}")
-        drop_ok = isinstance(max_accuracy_drop, (int, float)) and not isinstance(max_accuracy_drop, bool)
-        if max_accuracy_drop is not None and not (drop_ok and max_accuracy_drop >= 0):
-            raise ValueError(f"`max_accuracy_drop` must be a number >= 0, got {max_accuracy_drop!r}")
-        if mode not in ("max", "min"):
-            raise ValueError(f"`mode` must be 'max' or 'min', got {mode!r}")
-        _check_int(guard_batches, "guard_batches", 1)
-        _check_int(search_steps, "search_steps", 0)
+        check_guard_arguments(monitor, max_accuracy_drop, mode, guard_batches, search_steps)
         self.metric, self.max_accuracy_drop, self.mode = monitor, max_accuracy_drop, mode
         self.guard_batches, self.search_steps = guard_batches, search_steps
         self.guard: dict[str, Any] | None = None  # metric before/after and every trial of the search
@@ -139,7 +127,7 @@ class LMDCompressionBase:
         self.compressed_epochs: list[int] = []  # the epoch of each round done
         self.reports: list[dict[str, Any]] = []  # CompressionReport.to_dict() of each compression
         self.failure: str | None = None  # why compression was abandoned, if it was
-        self._force_epoch: int | None = None
+        self._schedule = Schedule(min_epochs, max_epochs, rounds, by_epoch=self.trigger == "epoch")  # set at setup
         self._params: list[torch.nn.Parameter] = []  # refreshed every epoch start, after any swap
         self._layers: dict[str, list[int]] = {}  # module name → indices into _params
         self._lightning: Any = None  # pytorch_lightning or lightning.pytorch, set at setup
@@ -151,7 +139,10 @@ class LMDCompressionBase:
         self._lightning = trainer_surgery.lightning_of(trainer)
         trainer_surgery.check_supported(trainer, pl_module)
         self._check_targets(pl_module)
-        self._force_epoch = self._forced_epoch(trainer)
+        last = self.max_epochs if self.max_epochs is not None else default_last_epoch(self.min_epochs, trainer.max_epochs)
+        if last is None and self.trigger == "grad_norm":
+            self._warn("LMDCompression: the Trainer has no max_epochs, so compression is never forced")
+        self._schedule = Schedule(self.min_epochs, last, self.rounds, by_epoch=self.trigger == "epoch")
         # Lightning loads weights before callbacks see the checkpoint: load loosely, then
         # strictly again in on_load_checkpoint once the factored structure is rebuilt.
         self._user_strict, pl_module.strict_loading = pl_module.strict_loading, False
@@ -236,34 +227,8 @@ class LMDCompressionBase:
         """The epoch of the latest round."""
         return self.compressed_epochs[-1] if self.compressed_epochs else None
 
-    def _forced_epoch(self, trainer: pl.Trainer) -> int | None:
-        if self.max_epochs is not None:
-            return self.max_epochs
-        if trainer.max_epochs is None or trainer.max_epochs < 0:
-            self._warn("LMDCompression: the Trainer has no max_epochs, so compression is never forced")
-            return None
-        return max(self.min_epochs, (2 * trainer.max_epochs) // 3)
-
-    def _deadline(self, k: int) -> int | None:
-        """The epoch by which round k (1-based) happens: scheduled (trigger="epoch") or forced."""
-        last = self._force_epoch
-        if self.trigger == "epoch":
-            if self.rounds == 1:
-                return self.min_epochs
-            span = (last - self.min_epochs) if last is not None else self.rounds - 1
-            return self.min_epochs + (span * (k - 1)) // (self.rounds - 1)
-        if last is None:
-            return None
-        return self.min_epochs + ((last - self.min_epochs) * k) // self.rounds
-
     def _due(self, epoch: int) -> bool:
-        if self.round >= self.rounds or self.failure is not None or epoch < self.min_epochs:
-            return False
-        if self.compressed_epochs and epoch <= self.compressed_epochs[-1]:
-            return False  # at most one round per epoch
-        deadline = self._deadline(self.round + 1)
-        reached = deadline is not None and epoch >= deadline
-        return reached if self.trigger == "epoch" else (self.convergence.converged or reached)
+        return self.failure is None and self._schedule.due(epoch, self.compressed_epochs, self.convergence.converged)
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         norms = tensor_norms(p.grad if p.grad is not None else torch.zeros(()) for p in self._params)  # (k,)

@@ -16,7 +16,32 @@ from typing import Any
 from lmd_lightning.policies import RankPolicy
 from lmd_lightning.report import CompressionReport
 
-__all__ = ["GuardResult", "search_knob"]
+__all__ = ["GuardResult", "check_guard_arguments", "search_knob"]
+
+
+def _check_int(value: Any, arg: str, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{arg}` must be an int >= {low}, got {value!r}")
+
+
+def check_guard_arguments(
+    monitor: str | None, max_accuracy_drop: float | None, mode: str, guard_batches: int, search_steps: int
+) -> None:
+    """Validate the guard's arguments as LMDCompression takes them."""
+    if (monitor is None) != (max_accuracy_drop is None):
+        raise ValueError(
+            f"give `monitor` and `max_accuracy_drop` together, got monitor={monitor!r}, "
+            f"max_accuracy_drop={max_accuracy_drop!r}"
+        )
+    if monitor is not None and not isinstance(monitor, str):
+        raise TypeError(f"`monitor` must be the name of a logged validation metric, got {monitor!r}")
+    number = isinstance(max_accuracy_drop, (int, float)) and not isinstance(max_accuracy_drop, bool)
+    if max_accuracy_drop is not None and not (number and max_accuracy_drop >= 0):
+        raise ValueError(f"`max_accuracy_drop` must be a number >= 0, got {max_accuracy_drop!r}")
+    if mode not in ("max", "min"):
+        raise ValueError(f"`mode` must be 'max' or 'min', got {mode!r}")
+    _check_int(guard_batches, "guard_batches", 1)
+    _check_int(search_steps, "search_steps", 0)
 
 
 @dataclass
