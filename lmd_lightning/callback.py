@@ -153,6 +153,9 @@ class LMDCompressionBase:
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.strict_loading = self._user_strict
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module.strict_loading = self._user_strict  # also when no checkpoint was loaded
+
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if self.round < self.rounds and self.trigger == "grad_norm" and trainer.global_step % self.every_n_steps == 0:
             self._measure(trainer, pl_module, optimizer)
@@ -164,11 +167,7 @@ class LMDCompressionBase:
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._due(trainer.current_epoch):
             self._compress(trainer, pl_module)
-        named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]  # after any swap
-        self._params = [p for _, p in named]
-        self._layers = {}
-        for index, (name, _) in enumerate(named):
-            self._layers.setdefault(name.rpartition(".")[0], []).append(index)
+        self._cache_params(pl_module)  # swaps happen only above
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.trigger == "grad_norm" and self.convergence.ema is not None:
@@ -226,6 +225,14 @@ class LMDCompressionBase:
     def compressed_epoch(self) -> int | None:
         """The epoch of the latest round."""
         return self.compressed_epochs[-1] if self.compressed_epochs else None
+
+    def _cache_params(self, pl_module: pl.LightningModule) -> None:
+        """The parameters whose gradients make ‖∇L‖, and their layers, read once per epoch."""
+        named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
+        self._params = [p for _, p in named]
+        self._layers = {}
+        for index, (name, _) in enumerate(named):
+            self._layers.setdefault(name.rpartition(".")[0], []).append(index)
 
     def _due(self, epoch: int) -> bool:
         return self.failure is None and self._schedule.due(epoch, self.compressed_epochs, self.convergence.converged)

@@ -91,3 +91,13 @@ def test_load_compressed_errors(tmp_path: Path) -> None:
         load_compressed(LitMLP, tmp_path / "plain.pt")
     with pytest.raises(TypeError, match="`module_cls` must be a LightningModule class"):
         load_compressed("LitMLP", tmp_path / "plain.pt")
+
+
+def test_strict_loading_is_given_back_after_fit_and_validate(tmp_path: Path) -> None:
+    model = LitMLP()
+    model.strict_loading = True
+    train, val = loaders()
+    trainer(1, [lmd()]).validate(model, val)
+    assert model.strict_loading is True
+    trainer(1, [lmd()]).fit(model, train, val)
+    assert model.strict_loading is True

@@ -54,3 +54,30 @@ def test_compress_and_bf16_autocast_training_step_on_cuda() -> None:
     loss.backward()
     opt.step()
     assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _first_norm_seen(fused: bool) -> float:
+    import pytorch_lightning as pl
+
+    from lmd_lightning import ConvergenceMonitor, FixedRank, LMDCompression
+    from tests.lightning_models import LitMLP, loaders, trainer
+
+    class Fused(LitMLP):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=fused)
+
+    pl.seed_everything(0, verbose=False)
+    monitor = ConvergenceMonitor(window=1, min_steps=10**9)
+    lmd = LMDCompression(FixedRank(8), trigger=monitor, min_epochs=5)
+    train, val = loaders()
+    t = trainer(1, [lmd], accelerator="gpu", precision="16-mixed", max_steps=1, deterministic=False)
+    t.fit(Fused(), train, val)
+    return monitor.ema  # window=1 and one step: the EMA is that step's norm
+
+
+def test_amp_norm_is_unscaled_for_fused_and_plain_optimizers() -> None:
+    # Lightning unscales before on_before_optimizer_step, except for optimizers that unscale inside
+    # step() (fused AdamW): there the callback divides by the GradScaler's scale itself.
+    plain, fused = _first_norm_seen(False), _first_norm_seen(True)
+    assert 0.01 < plain < 100  # unscaled: the scale starts at 65536
+    assert fused == pytest.approx(plain, rel=1e-3)
