@@ -71,15 +71,15 @@ def test_state_dict_round_trip_continues_identically() -> None:
     def feed(monitor: ConvergenceMonitor, steps: range) -> list[bool]:
         return [monitor.update(3.0 * 0.98**s + 0.01 * (s % 7), s) for s in steps]
 
-    reference = ConvergenceMonitor(window=10, min_steps=30)
+    reference = ConvergenceMonitor(window=10, min_steps=30, rel_tol=0.05, patience=3)
     expected = feed(reference, range(400))
-    first = ConvergenceMonitor(window=10, min_steps=30)
+    first = ConvergenceMonitor(window=10, min_steps=30, rel_tol=0.05, patience=3)
     head = feed(first, range(155))
     state = first.state_dict()
     assert len(state["pending"]) == 5  # 155 updates: 15 windows of 10 folded in, 5 pending
     assert all(isinstance(v, (int, float, bool, str, type(None))) for k, v in state.items() if k != "pending")
     assert all(isinstance(v, float) for v in state["pending"])
-    resumed = ConvergenceMonitor(window=10, min_steps=30)
+    resumed = ConvergenceMonitor(window=10, min_steps=30, rel_tol=0.05, patience=3)
     resumed.load_state_dict(state)
     assert head + feed(resumed, range(155, 400)) == expected
     assert resumed.converged_step == reference.converged_step and resumed.reason == reference.reason
