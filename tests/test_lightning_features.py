@@ -92,3 +92,22 @@ def test_compiled_submodule_recompiles_and_stays_correct() -> None:
     x = torch.randn(7, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.net(x), inner(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])
+def test_sharded_strategies_are_refused_at_setup(strategy: str) -> None:
+    import pytorch_lightning.strategies as strategies
+
+    from lmd_lightning import trainer_surgery
+
+    sharded = getattr(strategies, strategy)
+    fake = sharded.__new__(sharded)  # no distributed environment needed for an isinstance check
+
+    class FakeTrainer:
+        pass
+
+    FakeTrainer.__module__ = "pytorch_lightning.trainer.trainer"
+    trainer_ = FakeTrainer()
+    trainer_.strategy, trainer_.callbacks = fake, []
+    with pytest.raises(NotImplementedError, match=rf"does not support {strategy} yet"):
+        trainer_surgery.check_supported(trainer_, LitMLP())
