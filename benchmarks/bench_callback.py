@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.common import write_result
+from benchmarks.common import markdown_table, write_result
 from lmd_lightning import ConvergenceMonitor, EnergyRank, LMDCompression, trainer_surgery
 from lmd_lightning.data import load_mnist1d
 from lmd_lightning.quickstart import mlp
@@ -89,12 +89,14 @@ class AlternatingHook(LMDCompression):
             self.hook_steps += 1
 
 
+OVERHEAD_HEADER = [
+    "‖∇L‖ measured", "epoch time, monitoring off", "epoch time, monitoring on", "end-to-end overhead",
+    "time in the hook per step", "hook share of a step",
+]
+
+
 def overhead_table(loader: DataLoader, epochs: int, repeats: int) -> str:
-    lines = [
-        "| ‖∇L‖ measured | epoch time, monitoring off | epoch time, monitoring on | end-to-end overhead "
-        "| time in the hook per step | hook share of a step |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+    rows = []
     for every in (None, 1, 4):
         off, on, hook, steps = [], [], [], 0
         for _ in range(repeats):
@@ -111,16 +113,15 @@ def overhead_table(loader: DataLoader, epochs: int, repeats: int) -> str:
             hook.append(callback.hook_seconds / max(callback.hook_steps, 1))
         a, b, h = statistics.median(off), statistics.median(on), statistics.median(hook)
         label = "never (control: even vs odd epochs)" if every is None else f"every {every} step{'s' if every > 1 else ''}"
-        lines.append(
-            f"| {label} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms "
-            f"| {100 * (b - a) / a:+.2f}% | {h * 1e3:.3f} ms | {100 * h * steps / a:.2f}% |"
-        )
-    lines += [
-        "",
+        rows.append([
+            label, f"{a * 1e3:.1f} ms", f"{b * 1e3:.1f} ms",
+            f"{100 * (b - a) / a:+.2f}%", f"{h * 1e3:.3f} ms", f"{100 * h * steps / a:.2f}%",
+        ])
+    note = (
         f"{steps} steps of batch 100 per epoch. Each row: {repeats} runs of {epochs} epochs with monitoring on in "
-        "even epochs and off in odd ones; medians over those epochs (the first is warm-up). Goal: overhead ≤ 2%.",
-    ]
-    return "\n".join(lines)
+        "even epochs and off in odd ones; medians over those epochs (the first is warm-up). Goal: overhead ≤ 2%."
+    )
+    return markdown_table(OVERHEAD_HEADER, rows, "lrrrrr") + "\n\n" + note
 
 
 def swap_table(loader: DataLoader, epochs: int) -> str:
@@ -144,12 +145,14 @@ def swap_table(loader: DataLoader, epochs: int) -> str:
         fit(loader, epochs, [LMDCompression(EnergyRank(0.7), trigger="epoch", min_epochs=1, exclude="net.6")])
     finally:
         trainer_surgery.rebuild, LMDCompression._apply = real_rebuild, real_apply
-    return "\n".join([
-        "| step at the swap | time |",
-        "|---|---:|",
-        f"| `compress_` (spectra, ranks, factors, swap) of 3 layers, EnergyRank(0.7) | {timings['compress_'] * 1e3:.1f} ms |",
-        f"| optimizer + scheduler rebuild with state carry-over | {timings['rebuild'] * 1e3:.2f} ms |",
-    ])
+    rows = [
+        [
+            "`compress_` (spectra, ranks, factors, swap) of 3 layers, EnergyRank(0.7)",
+            f"{timings['compress_'] * 1e3:.1f} ms",
+        ],
+        ["optimizer + scheduler rebuild with state carry-over", f"{timings['rebuild'] * 1e3:.2f} ms"],
+    ]
+    return markdown_table(["step at the swap", "time"], rows, "lr")
 
 
 def main(argv: list[str] | None = None) -> None:

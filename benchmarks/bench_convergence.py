@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import write_result
+from benchmarks.common import markdown_table, write_result
 from lmd_lightning.convergence import ConvergenceMonitor, grad_norm
 from lmd_lightning.data import Split, load_mnist1d
 from lmd_lightning.quickstart import mlp
@@ -149,68 +149,70 @@ def mean_std(values: list[float], fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(statistics.fmean(values))} ± {statistics.stdev(values):.1f}"
 
 
-def settings_table(runs: list[Run], settings: list[tuple[str, dict]]) -> str:
-    lines = [
-        "| setting | fired | fire epoch (per seed) | criterion | fire − reference (epochs) "
-        "| val acc at fire − run max (pts) | same, 3-epoch smoothed | highest plateau streak before the reference |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
+SETTINGS_HEADER = [
+    "setting", "fired", "fire epoch (per seed)", "criterion", "fire − reference (epochs)",
+    "val acc at fire − run max (pts)", "same, 3-epoch smoothed", "highest plateau streak before the reference",
+]
+RUNS_HEADER = [
+    "run", "max val acc", "epoch of max", "reference epoch", "smoothed acc at reference", "val acc, last epoch",
+    "‖∇L‖ EMA: peak → last epoch",
+]
+TRACE_HEADER = ["epoch", "val acc", "train loss", "‖∇L‖ EMA (β=0.9)", "raw ‖∇L‖ over the epoch: mean (min–max)"]
+
+
+def settings_row(runs: list[Run], name: str, over: dict) -> list[str]:
+    patience = {**DEFAULTS, **over}["patience"]
+    streaks = [max(r.streak[name][: r.reference_epoch() - 1], default=0) for r in runs]
+    streak = f"{', '.join(map(str, streaks))} (of {patience})"
+    label = f"**{name}**" if name == "defaults" else name
+    fired = [r for r in runs if name in r.fired]
+    if not fired:
+        return [label, f"0/{len(runs)}", "never", "—", "—", "—", "—", streak]
+    epochs = [r.fire_epoch(name) for r in fired]
+    lag = [r.fire_epoch(name) - r.reference_epoch() for r in fired]
+    gap = [r.val_acc[r.fire_epoch(name) - 1] - max(r.val_acc) for r in fired]
+    gap_smooth = [r.smoothed()[r.fire_epoch(name) - 1] - max(r.smoothed()) for r in fired]
+    kinds = sorted({criterion(r.fired[name][1]) for r in fired})
+    return [
+        label, f"{len(fired)}/{len(runs)}", f"{mean_std(epochs)} ({', '.join(map(str, epochs))})", "/".join(kinds),
+        mean_std(lag, "{:+.1f}"), mean_std(gap, "{:+.1f}"), mean_std(gap_smooth, "{:+.1f}"), streak,
     ]
-    for name, over in settings:
-        patience = {**DEFAULTS, **over}["patience"]
-        streaks = [max(r.streak[name][: r.reference_epoch() - 1], default=0) for r in runs]
-        streak = f"{', '.join(map(str, streaks))} (of {patience})"
-        label = f"**{name}**" if name == "defaults" else name
-        fired = [r for r in runs if name in r.fired]
-        if not fired:
-            lines.append(f"| {label} | 0/{len(runs)} | never | — | — | — | — | {streak} |")
-            continue
-        epochs = [r.fire_epoch(name) for r in fired]
-        lag = [r.fire_epoch(name) - r.reference_epoch() for r in fired]
-        gap = [r.val_acc[r.fire_epoch(name) - 1] - max(r.val_acc) for r in fired]
-        gap_smooth = [r.smoothed()[r.fire_epoch(name) - 1] - max(r.smoothed()) for r in fired]
-        kinds = sorted({criterion(r.fired[name][1]) for r in fired})
-        lines.append(
-            f"| {label} | {len(fired)}/{len(runs)} | {mean_std(epochs)} ({', '.join(map(str, epochs))}) "
-            f"| {'/'.join(kinds)} | {mean_std(lag, '{:+.1f}')} | {mean_std(gap, '{:+.1f}')} "
-            f"| {mean_std(gap_smooth, '{:+.1f}')} | {streak} |"
-        )
-    return "\n".join(lines)
+
+
+def settings_table(runs: list[Run], settings: list[tuple[str, dict]]) -> str:
+    rows = [settings_row(runs, name, over) for name, over in settings]
+    return markdown_table(SETTINGS_HEADER, rows, "lrrlrrrr")
+
+
+def runs_row(r: Run) -> list[str]:
+    best = max(r.val_acc)
+    ref = r.reference_epoch()
+    return [
+        f"{r.optimizer} seed {r.seed}", f"{best:.2f}", str(r.val_acc.index(best) + 1), str(ref),
+        f"{r.smoothed()[ref - 1]:.2f}", f"{r.val_acc[-1]:.2f}", f"{max(r.ema):.3g} → {r.ema[-1]:.3g}",
+    ]
 
 
 def runs_table(runs: list[Run]) -> str:
-    lines = [
-        "| run | max val acc | epoch of max | reference epoch | smoothed acc at reference | val acc, last epoch "
-        "| ‖∇L‖ EMA: peak → last epoch |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+    return markdown_table(RUNS_HEADER, [runs_row(r) for r in runs], "lrrrrrr")
+
+
+def trace_row(runs: list[Run], e: int) -> list[str]:
+    spe = runs[0].steps_per_epoch
+    raw = [n for r in runs for n in r.norms[(e - 1) * spe : e * spe]]
+    return [
+        str(e), f"{statistics.fmean(r.val_acc[e - 1] for r in runs):.2f}",
+        f"{statistics.fmean(r.train_loss[e - 1] for r in runs):.3f}",
+        f"{statistics.fmean(r.ema[e - 1] for r in runs):.3g}",
+        f"{statistics.fmean(raw):.3g} ({min(raw):.3g}–{max(raw):.3g})",
     ]
-    for r in runs:
-        best = max(r.val_acc)
-        ref = r.reference_epoch()
-        lines.append(
-            f"| {r.optimizer} seed {r.seed} | {best:.2f} | {r.val_acc.index(best) + 1} | {ref} "
-            f"| {r.smoothed()[ref - 1]:.2f} | {r.val_acc[-1]:.2f} | {max(r.ema):.3g} → {r.ema[-1]:.3g} |"
-        )
-    return "\n".join(lines)
 
 
 def trace_table(runs: list[Run], every: int) -> str:
     """Per-epoch means over seeds: val accuracy, train loss, the EMA of ‖∇L‖ and the raw norm's spread."""
     epochs = len(runs[0].val_acc)
-    spe = runs[0].steps_per_epoch
-    lines = [
-        "| epoch | val acc | train loss | ‖∇L‖ EMA (β=0.9) | raw ‖∇L‖ over the epoch: mean (min–max) |",
-        "|---:|---:|---:|---:|---:|",
-    ]
     shown = sorted({1, *range(every, epochs + 1, every), epochs})
-    for e in shown:
-        raw = [n for r in runs for n in r.norms[(e - 1) * spe : e * spe]]
-        lines.append(
-            f"| {e} | {statistics.fmean(r.val_acc[e - 1] for r in runs):.2f} "
-            f"| {statistics.fmean(r.train_loss[e - 1] for r in runs):.3f} "
-            f"| {statistics.fmean(r.ema[e - 1] for r in runs):.3g} "
-            f"| {statistics.fmean(raw):.3g} ({min(raw):.3g}–{max(raw):.3g}) |"
-        )
-    return "\n".join(lines)
+    return markdown_table(TRACE_HEADER, [trace_row(runs, e) for e in shown], "rrrrr")
 
 
 def main(argv: list[str] | None = None) -> None:

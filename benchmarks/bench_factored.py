@@ -22,7 +22,7 @@ import sys
 import torch
 from torch import nn
 
-from benchmarks.common import time_it, write_result
+from benchmarks.common import markdown_table, time_it, write_result
 from lmd_lightning import FactoredLinear
 
 BATCH = 256
@@ -83,21 +83,24 @@ def bench_shape(in_features: int, out_features: int, rank: int, device: str, rep
     return row
 
 
-def table(rows: list[dict], kind: str) -> str:
-    lines = [
-        "| shape (in×out) | rank | dense ms | factored ms (balanced) | factored ms (svd) | speed-up (balanced) "
-        "| speed-up (svd) | MAC ratio m·n/(r·(m+n)) | efficiency (balanced) | efficiency (svd) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+TABLE_HEADER = [
+    "shape (in×out)", "rank", "dense ms", "factored ms (balanced)", "factored ms (svd)", "speed-up (balanced)",
+    "speed-up (svd)", "MAC ratio m·n/(r·(m+n))", "efficiency (balanced)", "efficiency (svd)",
+]
+
+
+def table_row(row: dict, kind: str) -> list[str]:
+    dense, bal, svd = row[f"{kind}_dense"], row[f"{kind}_balanced"], row[f"{kind}_svd"]
+    speed_bal, speed_svd, ratio = dense / bal, dense / svd, row["ratio"]
+    return [
+        f"{row['in']}×{row['out']}", str(row["rank"]), f"{dense * 1e3:.3f}", f"{bal * 1e3:.3f}", f"{svd * 1e3:.3f}",
+        f"{speed_bal:.2f}×", f"{speed_svd:.2f}×", f"{ratio:.2f}×",
+        f"{speed_bal / ratio:.2f}", f"{speed_svd / ratio:.2f}",
     ]
-    for row in rows:
-        dense, bal, svd = row[f"{kind}_dense"], row[f"{kind}_balanced"], row[f"{kind}_svd"]
-        speed_bal, speed_svd = dense / bal, dense / svd
-        lines.append(
-            f"| {row['in']}×{row['out']} | {row['rank']} | {dense * 1e3:.3f} | {bal * 1e3:.3f} | {svd * 1e3:.3f} "
-            f"| {speed_bal:.2f}× | {speed_svd:.2f}× | {row['ratio']:.2f}× "
-            f"| {speed_bal / row['ratio']:.2f} | {speed_svd / row['ratio']:.2f} |"
-        )
-    return "\n".join(lines)
+
+
+def table(rows: list[dict], kind: str) -> str:
+    return markdown_table(TABLE_HEADER, [table_row(row, kind) for row in rows], "l" + "r" * 9)
 
 
 def goal_verdict(rows: list[dict]) -> str:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.common import write_result
+from benchmarks.common import markdown_table, write_result
 from lmd_lightning import FixedRank, compress_
 from lmd_lightning.data import load_mnist1d
 
@@ -227,28 +227,30 @@ def pct(values: list[float]) -> str:
     return f"{mean:.1f} ± {std:.1f}"
 
 
+TABLE_HEADER = [
+    "variant", "LR after swap", "params", "val acc", "val min", "test acc", "test min",
+    "val right after swap", "worst post-swap val", "max epoch loss", "exploded",
+]
+
+
+def table_row(variant: Variant, runs: list[Run]) -> list[str]:
+    lr = {"none": f"cosine {BASE_LR:g}, continued", "continue": f"cosine {BASE_LR:g}, continued",
+          "restart": f"fresh cosine from {variant.peak_lr:g}"}[variant.schedule]
+    exploded = sum(run.exploded for run in runs)
+    nonfinite = sum(run.nonfinite for run in runs)
+    flag = f"{exploded}/{len(runs)}" + (f" ({nonfinite} NaN/inf)" if nonfinite else "")
+    return [
+        variant.name, lr, f"{runs[0].params:,}",
+        pct([r.val_final for r in runs]), f"{100 * min(r.val_final for r in runs):.1f}",
+        pct([r.test_final for r in runs]), f"{100 * min(r.test_final for r in runs):.1f}",
+        pct([r.val_after_swap for r in runs]), f"{100 * min(r.worst_val for r in runs):.1f}",
+        f"{max(r.max_epoch_loss for r in runs):.3f}", flag,
+    ]
+
+
 def table(results: dict[str, list[Run]]) -> str:
-    head = (
-        "| variant | LR after swap | params | val acc | val min | test acc | test min "
-        "| val right after swap | worst post-swap val | max epoch loss | exploded |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
-    )
-    rows = []
-    for variant in VARIANTS:
-        runs = results[variant.name]
-        lr = {"none": f"cosine {BASE_LR:g}, continued", "continue": f"cosine {BASE_LR:g}, continued",
-              "restart": f"fresh cosine from {variant.peak_lr:g}"}[variant.schedule]
-        exploded = sum(run.exploded for run in runs)
-        nonfinite = sum(run.nonfinite for run in runs)
-        flag = f"{exploded}/{len(runs)}" + (f" ({nonfinite} NaN/inf)" if nonfinite else "")
-        rows.append(
-            f"| {variant.name} | {lr} | {runs[0].params:,} "
-            f"| {pct([r.val_final for r in runs])} | {100 * min(r.val_final for r in runs):.1f} "
-            f"| {pct([r.test_final for r in runs])} | {100 * min(r.test_final for r in runs):.1f} "
-            f"| {pct([r.val_after_swap for r in runs])} | {100 * min(r.worst_val for r in runs):.1f} "
-            f"| {max(r.max_epoch_loss for r in runs):.3f} | {flag} |"
-        )
-    return head + "\n".join(rows) + "\n"
+    rows = [table_row(variant, results[variant.name]) for variant in VARIANTS]
+    return markdown_table(TABLE_HEADER, rows, "llrrrrrrrrr") + "\n"
 
 
 def mean_val(results: dict[str, list[Run]], name: str) -> float:

@@ -23,7 +23,7 @@ import sys
 import torch
 from torch import Tensor
 
-from benchmarks.common import time_it, write_result
+from benchmarks.common import markdown_table, time_it, write_result
 from lmd_lightning.svd import Factors, truncated_svd
 
 SEED = 0
@@ -101,33 +101,35 @@ def randomized_cell(row: dict) -> str:
     return cell if row["rand_method"] == "randomized" else cell + " (fell back to exact)"
 
 
-def main_table(rows: list[tuple[str, dict]]) -> str:
-    lines = [
-        "| matrix | shape | rank | exact | randomized | time ratio (goal ≥ 10×) | `auto` picks "
-        "| optimum rel. error (Eckart–Young) | randomized rel. error (measured) | relative gap (goal ≤ 1%) |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
+MAIN_HEADER = [
+    "matrix", "shape", "rank", "exact", "randomized", "time ratio (goal ≥ 10×)", "`auto` picks",
+    "optimum rel. error (Eckart–Young)", "randomized rel. error (measured)", "relative gap (goal ≤ 1%)",
+]
+SCALING_HEADER = ["width", "rank", "exact", "randomized", "time ratio", "`auto` picks", "relative gap"]
+
+
+def main_row(label: str, r: dict) -> list[str]:
+    m, n = r["shape"]
+    return [
+        label, f"{m}×{n}", str(r["rank"]), fmt_time(r["t_exact"]), randomized_cell(r),
+        f"{r['t_exact'] / r['t_rand']:.1f}×", r["auto_method"], f"{r['err_opt']:.6f}", f"{r['err_rand']:.6f}",
+        f"{100 * r['gap']:.3f}%",
     ]
-    for label, r in rows:
-        m, n = r["shape"]
-        lines.append(
-            f"| {label} | {m}×{n} | {r['rank']} | {fmt_time(r['t_exact'])} | {randomized_cell(r)} "
-            f"| {r['t_exact'] / r['t_rand']:.1f}× | {r['auto_method']} | {r['err_opt']:.6f} | {r['err_rand']:.6f} "
-            f"| {100 * r['gap']:.3f}% |"
-        )
-    return "\n".join(lines)
+
+
+def scaling_row(r: dict) -> list[str]:
+    return [
+        str(r["shape"][0]), str(r["rank"]), fmt_time(r["t_exact"]), randomized_cell(r),
+        f"{r['t_exact'] / r['t_rand']:.1f}×", r["auto_method"], f"{100 * r['gap']:.3f}%",
+    ]
+
+
+def main_table(rows: list[tuple[str, dict]]) -> str:
+    return markdown_table(MAIN_HEADER, [main_row(label, r) for label, r in rows], "llrrrrlrrr")
 
 
 def scaling_table(rows: list[dict]) -> str:
-    lines = [
-        "| width | rank | exact | randomized | time ratio | `auto` picks | relative gap |",
-        "|---:|---:|---:|---:|---:|---|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['shape'][0]} | {r['rank']} | {fmt_time(r['t_exact'])} | {randomized_cell(r)} "
-            f"| {r['t_exact'] / r['t_rand']:.1f}× | {r['auto_method']} | {100 * r['gap']:.3f}% |"
-        )
-    return "\n".join(lines)
+    return markdown_table(SCALING_HEADER, [scaling_row(r) for r in rows], "rrrrrlr")
 
 
 def verdict(rows: list[tuple[str, dict]], quick: bool) -> str:

@@ -1,16 +1,19 @@
-"""Shared benchmark plumbing: the machine header every result file starts with, and timing."""
+"""Shared benchmark plumbing: the machine header every result file starts with, timing, markdown tables."""
 
 from __future__ import annotations
 
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+
+# Column alignment codes for `markdown_table`: left, right, centre.
+ALIGN_MARKERS = {"l": "---", "r": "---:", "c": ":---:"}
 
 
 def cpu_model() -> str:
@@ -50,6 +53,27 @@ def time_it(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2, devi
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def markdown_row(cells: Sequence[str]) -> str:
+    """One markdown table row: `| a | b | c |`."""
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str | Sequence[str]) -> str:
+    """A markdown table: the header row, the `|---|---:|` separator, then the rows (no trailing newline).
+
+    `align` gives one code per column, `l` (left), `r` (right) or `c` (centre): `"lrr"` or `["l", "r", "r"]`.
+    """
+    if len(align) != len(header):
+        raise ValueError(f"{len(align)} alignment codes for {len(header)} columns")
+    separator = "|" + "|".join(ALIGN_MARKERS[code] for code in align) + "|"
+    lines = [markdown_row(header), separator]
+    for row in rows:
+        if len(row) != len(header):
+            raise ValueError(f"row with {len(row)} cells in a table of {len(header)} columns: {row}")
+        lines.append(markdown_row(row))
+    return "\n".join(lines)
 
 
 def write_result(name: str, title: str, body: str, command: str, device: str = "cpu") -> Path:
