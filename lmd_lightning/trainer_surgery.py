@@ -40,12 +40,12 @@ def check_supported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """Raise at setup for what cannot work, rather than failing at the swap."""
     strategy, L = trainer.strategy, lightning_of(trainer)
     if isinstance(strategy, (L.strategies.FSDPStrategy, L.strategies.DeepSpeedStrategy)):
-        raise NotImplementedError(
+        raise ValueError(
             f"LMDCompression does not support {type(strategy).__name__} yet: sharded weights must be gathered "
             "before truncation and re-sharded after it. Use a single device or strategy='ddp'."
         )
     if not isinstance(strategy, (L.strategies.SingleDeviceStrategy, L.strategies.DDPStrategy)):
-        raise NotImplementedError(f"LMDCompression supports single-device and DDP strategies, got {type(strategy).__name__}")
+        raise ValueError(f"LMDCompression supports single-device and DDP strategies, got {type(strategy).__name__}")
     averaging_types = (L.callbacks.StochasticWeightAveraging, L.callbacks.WeightAveraging)
     averaging = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, averaging_types)]
     if averaging:

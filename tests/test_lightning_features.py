@@ -109,5 +109,5 @@ def test_sharded_strategies_are_refused_at_setup(strategy: str) -> None:
     FakeTrainer.__module__ = "pytorch_lightning.trainer.trainer"
     trainer_ = FakeTrainer()
     trainer_.strategy, trainer_.callbacks = fake, []
-    with pytest.raises(NotImplementedError, match=rf"does not support {strategy} yet"):
+    with pytest.raises(ValueError, match=rf"does not support {strategy} yet"):
         trainer_surgery.check_supported(trainer_, LitMLP())
