@@ -51,12 +51,12 @@ class EpochTimer(pl.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def fit(loader: DataLoader, epochs: int, callbacks: list) -> tuple[float, int]:
+def fit(loader: DataLoader, epochs: int, callbacks: list, accelerator: str) -> tuple[float, int]:
     """Median epoch time after the first epoch, and the steps per epoch."""
     pl.seed_everything(0, verbose=False)
     timer = EpochTimer()
     trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=epochs, accelerator=accelerator, logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, limit_val_batches=0, callbacks=[*callbacks, timer],
     )
     trainer.fit(MLPModule(epochs), loader)
@@ -95,7 +95,7 @@ OVERHEAD_HEADER = [
 ]
 
 
-def overhead_table(loader: DataLoader, epochs: int, repeats: int) -> str:
+def overhead_table(loader: DataLoader, epochs: int, repeats: int, accelerator: str) -> str:
     rows = []
     for every in (None, 1, 4):
         off, on, hook, steps = [], [], [], 0
@@ -103,7 +103,7 @@ def overhead_table(loader: DataLoader, epochs: int, repeats: int) -> str:
             callback, timer = AlternatingHook(every), EpochTimer()
             pl.seed_everything(0, verbose=False)
             trainer = pl.Trainer(
-                max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                max_epochs=epochs, accelerator=accelerator, logger=False, enable_progress_bar=False,
                 enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, callbacks=[callback, timer],
             )
             trainer.fit(MLPModule(epochs), loader)
@@ -124,7 +124,7 @@ def overhead_table(loader: DataLoader, epochs: int, repeats: int) -> str:
     return markdown_table(OVERHEAD_HEADER, rows, "lrrrrr") + "\n\n" + note
 
 
-def swap_table(loader: DataLoader, epochs: int) -> str:
+def swap_table(loader: DataLoader, epochs: int, accelerator: str) -> str:
     timings: dict[str, float] = {}
     real_rebuild, real_apply = trainer_surgery.rebuild, LMDCompression._apply
 
@@ -142,7 +142,7 @@ def swap_table(loader: DataLoader, epochs: int) -> str:
 
     trainer_surgery.rebuild, LMDCompression._apply = timed_rebuild, timed_apply
     try:
-        fit(loader, epochs, [LMDCompression(EnergyRank(0.7), trigger="epoch", min_epochs=1, exclude="net.6")])
+        fit(loader, epochs, [LMDCompression(EnergyRank(0.7), trigger="epoch", min_epochs=1, exclude="net.6")], accelerator)
     finally:
         trainer_surgery.rebuild, LMDCompression._apply = real_rebuild, real_apply
     rows = [
@@ -159,16 +159,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args(argv)
     split = load_mnist1d()["train"]
     n = 400 if args.quick else len(split.y)
     loader = DataLoader(TensorDataset(split.x[:n], split.y[:n]), batch_size=100, shuffle=True)
     epochs, repeats = (3, 1) if args.quick else (11, args.repeats)
-    body = "## ‖∇L‖ monitoring overhead\n\n" + overhead_table(loader, epochs, repeats)
-    body += "\n\n## Swap and optimizer rebuild\n\n" + swap_table(loader, 2)
-    name = "callback_overhead_quick" if args.quick else "callback_overhead"
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    body = "## ‖∇L‖ monitoring overhead\n\n" + overhead_table(loader, epochs, repeats, accelerator)
+    body += "\n\n## Swap and optimizer rebuild\n\n" + swap_table(loader, 2, accelerator)
+    name = "callback_overhead" + ("_quick" if args.quick else "") + ("_cuda" if args.device == "cuda" else "")
     command = "python -m benchmarks.bench_callback" + (" --quick" if args.quick else "")
-    path = write_result(name, "LMDCompression overheads", body, command)
+    command += " --device cuda" if args.device == "cuda" else ""
+    path = write_result(name, "LMDCompression overheads", body, command, device=args.device)
     print(path.read_text())
 
 
