@@ -1,0 +1,185 @@
+"""LightningDataModules for the recipes: MNIST-1D and a synthetic task offline, MNIST/CIFAR-10 online.
+
+MNIST-1D is generated locally by the `mnist1d` package (no network) and cached; the synthetic
+teacher task is generated in milliseconds. MNIST and CIFAR-10 come from torchvision with its
+real `download=True` path, for users who have a network; offline and without the files they
+raise an error that says what to do.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
+
+from lmd_lightning.data.mnist1d import Split, default_data_dir, load_mnist1d
+from lmd_lightning.data.synthetic import teacher_classification
+
+__all__ = ["MNIST1DDataModule", "TeacherDataModule", "TorchvisionDataModule"]
+
+
+def _check_positive(value: object, arg: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{arg}` must be an int >= 1, got {value!r}")
+
+
+class _SplitsDataModule(pl.LightningDataModule, abc.ABC):
+    """Train/val/test from in-memory Splits, features standardized with the training statistics."""
+
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    def __init__(self, batch_size: int, seed: int, num_workers: int = 0) -> None:
+        super().__init__()
+        _check_positive(batch_size, "batch_size")
+        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self.datasets: dict[str, TensorDataset] = {}
+
+    @abc.abstractmethod
+    def _make_splits(self) -> dict[str, Split]:
+        """The raw train/val/test splits."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        splits = self._make_splits()
+        mean, std = splits["train"].x.mean(0), splits["train"].x.std(0).clamp_min(1e-6)
+        self.datasets = {name: TensorDataset((s.x - mean) / std, s.y) for name, s in splits.items()}
+
+    def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.datasets[name], batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+class MNIST1DDataModule(_SplitsDataModule):
+    """MNIST-1D (Greydanus 2020): 40-sample 1-D digits, 10 classes, generated locally and cached."""
+
+    num_classes = 10
+    input_shape = (40,)
+
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,  # cache folder; None: $LMD_DATA_DIR or ~/.cache/lmd_lightning
+        batch_size: int = 100,
+        val_fraction: float = 0.1,  # held out from the 4,000 training samples
+        num_samples: int = 5000,  # the generator's default: 4,000 train + 1,000 official test
+        seed: int = 42,  # the generator's default seed; also seeds the training shuffle
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, seed, num_workers)
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}")
+        _check_positive(num_samples, "num_samples")
+        self.data_dir, self.val_fraction, self.num_samples = data_dir, val_fraction, num_samples
+
+    def prepare_data(self) -> None:
+        load_mnist1d(self.data_dir, self.num_samples, self.seed, self.val_fraction)  # generates and caches once
+
+    def _make_splits(self) -> dict[str, Split]:
+        return load_mnist1d(self.data_dir, self.num_samples, self.seed, self.val_fraction)
+
+
+class TeacherDataModule(_SplitsDataModule):
+    """A synthetic task labelled by a random low-rank teacher network: fast, for tests and smoke runs."""
+
+    def __init__(
+        self, n: int = 2048, dim: int = 32, classes: int = 4, rank: int = 4, batch_size: int = 128, seed: int = 0
+    ) -> None:
+        super().__init__(batch_size, seed)
+        for value, arg in ((n, "n"), (dim, "dim"), (classes, "classes"), (rank, "rank")):
+            _check_positive(value, arg)
+        self.n, self.dim, self.classes, self.rank = n, dim, classes, rank
+        self.num_classes, self.input_shape = classes, (dim,)
+
+    def _make_splits(self) -> dict[str, Split]:
+        return teacher_classification(self.n, self.dim, self.classes, self.rank, self.seed)
+
+
+TORCHVISION = {"mnist": ("MNIST", 10, (1, 28, 28)), "cifar10": ("CIFAR10", 10, (3, 32, 32))}
+
+
+class TorchvisionDataModule(pl.LightningDataModule):
+    """MNIST or CIFAR-10 through torchvision, downloaded on first use when a network is there.
+
+    The validation split is the last `val_size` images of the training set (fixed seed); the
+    official test set is kept for test.
+    """
+
+    def __init__(
+        self,
+        name: str = "mnist",
+        data_dir: str | Path | None = None,
+        batch_size: int = 128,
+        val_size: int = 5000,
+        download: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if name not in TORCHVISION:
+            raise ValueError(f"`name` must be one of {sorted(TORCHVISION)}, got {name!r}")
+        _check_positive(batch_size, "batch_size")
+        _check_positive(val_size, "val_size")
+        self.name, self.batch_size, self.val_size = name, batch_size, val_size
+        self.data_dir = Path(data_dir or default_data_dir())
+        self.download, self.seed, self.num_workers = download, seed, num_workers
+        _, self.num_classes, self.input_shape = TORCHVISION[name]
+        self.datasets: dict[str, Dataset] = {}
+
+    def _dataset(self, train: bool) -> Dataset:
+        try:
+            import torchvision
+        except ImportError as err:
+            raise ImportError(
+                f"TorchvisionDataModule({self.name!r}) needs torchvision: install the build that matches your torch "
+                "(https://pytorch.org/get-started/locally/), or use the offline MNIST-1D data (data=mnist1d)"
+            ) from err
+        cls = getattr(torchvision.datasets, TORCHVISION[self.name][0])
+        transform = torchvision.transforms.ToTensor()
+        try:
+            return cls(str(self.data_dir), train=train, download=self.download, transform=transform)
+        except (RuntimeError, OSError) as err:  # "Dataset not found", or no network during download
+            raise RuntimeError(
+                f"{TORCHVISION[self.name][0]} is not in {self.data_dir} and could not be downloaded ({err}). "
+                f"Run once with a network (download=True), or copy the torchvision files into {self.data_dir}, "
+                "or use the offline MNIST-1D data (data=mnist1d)."
+            ) from err
+
+    def prepare_data(self) -> None:
+        self._dataset(train=True)
+        self._dataset(train=False)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        full = self._dataset(train=True)
+        sizes = [len(full) - self.val_size, self.val_size]
+        train, val = random_split(full, sizes, generator=torch.Generator().manual_seed(self.seed))
+        self.datasets = {"train": train, "val": val, "test": self._dataset(train=False)}
+
+    def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
+        return DataLoader(self.datasets[name], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
