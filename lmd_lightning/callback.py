@@ -21,7 +21,7 @@ from lmd_lightning import trainer_surgery
 from lmd_lightning.compress import compress_, restore_factored_
 from lmd_lightning.convergence import ConvergenceMonitor, tensor_norms
 from lmd_lightning.factored import PARAMETRIZATIONS
-from lmd_lightning.guard import check_guard_arguments, search_knob
+from lmd_lightning.guard import check_guard_arguments, search_knob, sweep_knob
 from lmd_lightning.policies import RankPolicy
 from lmd_lightning.report import CompressionReport
 from lmd_lightning.schedule import Schedule, default_last_epoch
@@ -66,11 +66,12 @@ class LMDCompressionBase:
         per_layer_norms: also keep each layer's gradient norm (`convergence.latest_layer_norms`)
             and log it as `lmd/grad_norm/<layer>` at every epoch end, next to `lmd/grad_norm_ema`.
         parametrization / method: passed to `compress_`.
-        monitor / max_accuracy_drop: the accuracy guard. The metric `monitor`, as logged by
-            `validation_step`, is measured on `guard_batches` validation batches per loader right
-            before truncation and right after it; the policy's knob is bisected (`search_steps`
-            times) to the most compressive setting whose drop stays within `max_accuracy_drop`,
-            or the model stays dense. `mode`: "max" if higher is better, "min" if lower is.
+        monitor: a metric logged by `validation_step`, measured on `guard_batches` validation
+            batches per loader right before truncation and right after it, and at `sweep_points`
+            settings of the policy's knob (the rank–accuracy sweep, logged to TensorBoard).
+        max_accuracy_drop: the accuracy guard (needs `monitor`): the knob is bisected
+            (`search_steps` times) to the most compressive setting whose one-shot drop stays
+            within it, or the model stays dense. `mode`: "max" if higher is better, "min" if lower.
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class LMDCompressionBase:
         mode: str = "max",
         guard_batches: int = 10,
         search_steps: int = 5,
+        sweep_points: int = 8,
     ) -> None:
         if not isinstance(policy, RankPolicy):
             raise TypeError(f"`policy` must be a RankPolicy (EnergyRank, FixedRank, GlobalBudget, …), got {policy!r}")
@@ -110,6 +112,9 @@ class LMDCompressionBase:
         if method not in METHODS:
             raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
         check_guard_arguments(monitor, max_accuracy_drop, mode, guard_batches, search_steps)
+        _check_int(sweep_points, "sweep_points", 0)
+        self.sweep_points = sweep_points
+        self.sweep: list[dict[str, Any]] = []  # the last rank–accuracy sweep: knob, metric, params
         self.metric, self.max_accuracy_drop, self.mode = monitor, max_accuracy_drop, mode
         self.guard_batches, self.search_steps = guard_batches, search_steps
         self.guard: dict[str, Any] | None = None  # metric before/after and every trial of the search
@@ -146,6 +151,10 @@ class LMDCompressionBase:
         # Lightning loads weights before callbacks see the checkpoint: load loosely, then
         # strictly again in on_load_checkpoint once the factored structure is rebuilt.
         self._user_strict, pl_module.strict_loading = pl_module.strict_loading, False
+        if trainer.loggers and stage == "fit":
+            from lmd_lightning import tensorboard
+
+            tensorboard.log_layout(trainer.loggers, self.metric)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         self._restore_structure(pl_module, checkpoint["state_dict"])
@@ -183,12 +192,14 @@ class LMDCompressionBase:
             "reports": self.reports,
             "failure": self.failure,
             "guard": self.guard,
+            "sweep": self.sweep,
             "convergence": self.convergence.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.compressed_epochs = list(state_dict["compressed_epochs"])
         self.reports, self.failure, self.guard = state_dict["reports"], state_dict["failure"], state_dict["guard"]
+        self.sweep = state_dict["sweep"]
         self.convergence.load_state_dict(state_dict["convergence"])
 
     # ---- the work ----
@@ -269,9 +280,7 @@ class LMDCompressionBase:
         why = self.convergence.reason if self.convergence.converged else f"epoch {trainer.current_epoch} reached"
         record, before = undo_record(pl_module), trainer_surgery.snapshot(trainer)
         try:
-            policy = self.policy.for_round(self.round + 1, self.rounds)
-            if self.metric:
-                policy = self._guarded_policy(trainer, pl_module, record, policy)
+            policy = self._choose_policy(trainer, pl_module, record)
             if policy is None:
                 self.failure = f"accuracy guard: no setting keeps the drop within {self.max_accuracy_drop}"
                 self._info(f"LMDCompression: model kept dense. {self.failure}; trials: {self.guard['trials']}")
@@ -294,18 +303,19 @@ class LMDCompressionBase:
             parametrization=self.parametrization, method=self.method,
         )
 
-    def _guarded_policy(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict, policy: RankPolicy
-    ) -> RankPolicy | None:
-        result = search_knob(
-            policy,
-            evaluate=lambda: trainer_surgery.evaluate(trainer, pl_module, self.metric, self.guard_batches),
-            apply=lambda policy: self._apply(pl_module, policy),
-            undo=lambda: undo(pl_module, record),
-            max_drop=self.max_accuracy_drop,
-            mode=self.mode,
-            steps=self.search_steps,
-        )
+    def _choose_policy(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict) -> RankPolicy | None:
+        """This round's policy; with a `monitor`, also the sweep, and the guard's search if asked for."""
+        policy = self.policy.for_round(self.round + 1, self.rounds)
+        if not self.metric:
+            return policy
+        evaluate = lambda: trainer_surgery.evaluate(trainer, pl_module, self.metric, self.guard_batches)  # noqa: E731
+        apply = lambda candidate: self._apply(pl_module, candidate)  # noqa: E731
+        restore = lambda: undo(pl_module, record)  # noqa: E731
+        self.sweep = sweep_knob(policy, evaluate, apply, restore, self.sweep_points)
+        if self.max_accuracy_drop is None:
+            self.guard = {"before": evaluate(), "after": None, "knob": policy.knob_value, "trials": []}
+            return policy
+        result = search_knob(policy, evaluate, apply, restore, self.max_accuracy_drop, self.mode, self.search_steps)
         chosen = None if result.policy is None else result.policy.knob_value
         self.guard = {"before": result.before, "after": None, "knob": chosen, "trials": result.trials}
         for trial in result.trials:
@@ -326,6 +336,12 @@ class LMDCompressionBase:
             self._info(
                 f"LMDCompression: {self.metric} {self.guard['before']:.4f} before truncation, "
                 f"{self.guard['after']:.4f} right after it (before fine-tuning)"
+            )
+        if trainer.loggers:
+            from lmd_lightning import tensorboard  # matplotlib is imported only when something is logged
+
+            tensorboard.log_compression(
+                trainer.loggers, trainer.global_step, report, self.round, self.guard, self.sweep, self.metric
             )
 
     def _report_final(self, value: float) -> None:

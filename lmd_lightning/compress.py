@@ -179,7 +179,10 @@ def compress_(
         if plan.factors is not None:
             _apply(model, plan, parametrization)
     notes = [f"fused fast path disabled in `{name}`" for name in disable_fused_fast_paths(model)]
-    report = CompressionReport([plan.report for plan in plans], params_before, _param_count(model, recurse=True), repr(policy), notes)
+    spectra = {plan.report.name: plan.spectrum.s for plan in active if plan.spectrum.s is not None}
+    report = CompressionReport(
+        [plan.report for plan in plans], params_before, _param_count(model, recurse=True), repr(policy), notes, spectra
+    )
     for layer in report.dense:
         log.info("lmd_lightning: `%s` unchanged: %s", layer.name, layer.reason)
     return report

@@ -16,7 +16,7 @@ from typing import Any
 from lmd_lightning.policies import RankPolicy
 from lmd_lightning.report import CompressionReport
 
-__all__ = ["GuardResult", "check_guard_arguments", "search_knob"]
+__all__ = ["GuardResult", "check_guard_arguments", "search_knob", "sweep_knob"]
 
 
 def _check_int(value: Any, arg: str, low: int) -> None:
@@ -28,11 +28,8 @@ def check_guard_arguments(
     monitor: str | None, max_accuracy_drop: float | None, mode: str, guard_batches: int, search_steps: int
 ) -> None:
     """Validate the guard's arguments as LMDCompression takes them."""
-    if (monitor is None) != (max_accuracy_drop is None):
-        raise ValueError(
-            f"give `monitor` and `max_accuracy_drop` together, got monitor={monitor!r}, "
-            f"max_accuracy_drop={max_accuracy_drop!r}"
-        )
+    if max_accuracy_drop is not None and monitor is None:
+        raise ValueError(f"`max_accuracy_drop`={max_accuracy_drop!r} needs `monitor`, the metric it guards")
     if monitor is not None and not isinstance(monitor, str):
         raise TypeError(f"`monitor` must be the name of a logged validation metric, got {monitor!r}")
     number = isinstance(max_accuracy_drop, (int, float)) and not isinstance(max_accuracy_drop, bool)
@@ -98,3 +95,26 @@ def search_knob(
         good, bad = (middle, bad) if passes(policy.with_knob(middle)) else (good, middle)
     result.policy = policy.with_knob(good)
     return result
+
+
+def sweep_knob(
+    policy: RankPolicy,
+    evaluate: Callable[[], float],
+    apply: Callable[[RankPolicy], CompressionReport],
+    undo: Callable[[], None],
+    points: int,
+) -> list[dict[str, Any]]:
+    """The rank–accuracy trade-off: the metric right after truncation at `points` knob values.
+
+    The knob runs evenly from the mild to the aggressive end of its range; nothing is trained.
+    """
+    if policy.knob is None or points < 2:
+        return []
+    mild, aggressive = policy.knob_range
+    rows = []
+    for i in range(points):
+        candidate = policy.with_knob(mild + (aggressive - mild) * i / (points - 1))
+        report = apply(candidate)
+        rows.append({"knob": candidate.knob_value, "metric": evaluate(), "params": report.model_params_after})
+        undo()
+    return rows

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from torch import Tensor
+
 __all__ = ["CompressionReport", "LayerReport"]
 
 
@@ -41,6 +43,8 @@ class CompressionReport:
     model_params_after: int
     policy: str
     notes: list[str] = field(default_factory=list)
+    # Layer name → full singular spectrum, where the policy needed it (not part of to_dict()).
+    spectra: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def params_before(self) -> int:

@@ -97,8 +97,8 @@ def test_unlogged_monitor_raises_at_the_first_validation() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"monitor": "val_acc"}, ValueError, "give `monitor` and `max_accuracy_drop` together"),
-        ({"max_accuracy_drop": 0.01}, ValueError, "give `monitor` and `max_accuracy_drop` together"),
+        ({"max_accuracy_drop": 0.01}, ValueError, r"`max_accuracy_drop`=0.01 needs `monitor`"),
+        ({"sweep_points": -1}, ValueError, r"`sweep_points` must be an int >= 0, got -1"),
         ({"monitor": 3, "max_accuracy_drop": 0.01}, TypeError, "`monitor` must be the name"),
         ({"monitor": "val_acc", "max_accuracy_drop": -0.1}, ValueError, r"`max_accuracy_drop` must be a number >= 0, got -0.1"),
         ({"mode": "up"}, ValueError, r"`mode` must be 'max' or 'min', got 'up'"),

@@ -21,6 +21,10 @@ class NormProbe(pl.Callback):
 
     def __init__(self) -> None:
         self.norms: list[float] = []
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.norms.append(float(grad_norm(p.grad for p in pl_module.parameters() if p.grad is not None)))
@@ -32,7 +36,7 @@ def test_bf16_accumulation_clipping_early_stopping_lr_monitor(tmp_path: Path) ->
     lmd = LMDCompression(FixedRank(8), trigger="epoch", min_epochs=1, exclude="net.4")
     callbacks = [lmd, probe, EarlyStopping("val_acc", mode="max", patience=10), LearningRateMonitor("step")]
     t = trainer(
-        3, callbacks, precision="bf16-mixed", accumulate_grad_batches=2, gradient_clip_val=0.5,
+        3, callbacks, precision="bf16-mixed", accumulate_grad_batches=2, gradient_clip_val=0.25,
         logger=CSVLogger(tmp_path), deterministic=False,
     )
     model = LitMLP(max_epochs=3)
@@ -42,8 +46,9 @@ def test_bf16_accumulation_clipping_early_stopping_lr_monitor(tmp_path: Path) ->
     # One measurement per optimizer step, not per batch: 13 batches / 2 = 7 steps per epoch.
     assert len(probe.norms) == t.global_step == 3 * 7
     # Clipping happens after the hook: norms above the clip value are seen unclipped.
-    assert max(probe.norms) > 0.5
-    assert t.callback_metrics["val_acc"] > 0.5
+    assert max(probe.norms) > 0.25
+    first, last = sum(probe.losses[:6]) / 6, sum(probe.losses[-6:]) / 6
+    assert last < first - 0.02  # it still learns after the swap
 
 
 def test_gradients_seen_are_unscaled_under_fp16_style_scaling() -> None:

@@ -1,0 +1,116 @@
+"""What the callback logs at a compression: scalars to every logger, figures to TensorBoard.
+
+- Every logger (TensorBoard, CSV, …) gets the scalars through `log_metrics`: per-layer rank
+  `lmd/rank/<layer>`, `lmd/params`, `lmd/compression_ratio`, `lmd/macs`, `lmd/round`, and the
+  monitored metric before and right after truncation.
+- A TensorBoard logger also gets the rank–accuracy sweep (as the scalar `lmd/sweep/<metric>`
+  over the parameter count, and as a figure with the chosen point marked), the singular-value
+  spectra with the cut marked (a figure, and one histogram per layer), and a custom-scalars layout.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from matplotlib.figure import Figure  # the object API: no pyplot state, no backend switching
+from torch.utils.tensorboard import SummaryWriter
+
+from lmd_lightning.report import CompressionReport
+
+__all__ = ["log_compression", "log_layout", "writers"]
+
+MAX_SPECTRA = 12  # layers drawn in the spectra figure; histograms cover all of them
+
+
+def writers(loggers: list) -> list[SummaryWriter]:
+    """The SummaryWriters behind the TensorBoard loggers among `loggers`."""
+    return [logger.experiment for logger in loggers if isinstance(getattr(logger, "experiment", None), SummaryWriter)]
+
+
+def log_layout(loggers: list, metric: str | None) -> None:
+    """Group the lmd/ scalars in TensorBoard's Custom Scalars tab."""
+    charts = {
+        "ranks": ["Multiline", [r"lmd/rank/.*"]],
+        "size": ["Multiline", ["lmd/params", "lmd/macs", "lmd/compression_ratio"]],
+        "convergence": ["Multiline", [r"lmd/grad_norm.*"]],
+    }
+    if metric is not None:
+        charts["metric"] = ["Multiline", ["lmd/metric_before", "lmd/metric_after", metric]]
+        charts["rank-accuracy sweep"] = ["Multiline", [f"lmd/sweep/{metric}"]]
+    for writer in writers(loggers):
+        writer.add_custom_scalars({"lmd": charts})
+
+
+def _scalars(report: CompressionReport, round_: int, guard: dict[str, Any] | None) -> dict[str, float]:
+    scalars = {
+        "lmd/round": float(round_),
+        "lmd/params": float(report.model_params_after),
+        "lmd/macs": float(report.macs_after),
+        "lmd/compression_ratio": report.compression_ratio,
+    }
+    scalars.update({f"lmd/rank/{layer.name}": float(layer.rank) for layer in report.layers if layer.rank is not None})
+    if guard is not None:
+        scalars["lmd/metric_before"], scalars["lmd/metric_after"] = guard["before"], guard["after"]
+    return scalars
+
+
+def log_compression(
+    loggers: list,
+    step: int,
+    report: CompressionReport,
+    round_: int,
+    guard: dict[str, Any] | None = None,
+    sweep: list[dict[str, Any]] | None = None,
+    metric: str | None = None,
+) -> None:
+    """Log one compression round (see the module docstring for what goes where)."""
+    scalars = _scalars(report, round_, guard)
+    for logger in loggers:
+        logger.log_metrics(scalars, step)
+    for writer in writers(loggers):
+        _spectra(writer, report, step)
+        if sweep:
+            _sweep(writer, sweep, metric, step, chosen=(report.model_params_after, guard["after"] if guard else None))
+        writer.flush()
+
+
+def _spectra(writer: SummaryWriter, report: CompressionReport, step: int) -> None:
+    ranks = {layer.name: layer.rank for layer in report.layers}
+    for name, s in report.spectra.items():
+        writer.add_histogram(f"lmd/singular_values/{name}", s.float(), step)
+    names = list(report.spectra)[:MAX_SPECTRA]
+    if not names:
+        return
+    cols, rows = min(3, len(names)), math.ceil(len(names) / min(3, len(names)))
+    fig = Figure(figsize=(4 * cols, 3 * rows))
+    for index, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, index + 1)
+        s = report.spectra[name].float().cpu()
+        ax.semilogy(range(1, len(s) + 1), s.clamp_min(1e-12).numpy())
+        if ranks.get(name):
+            ax.axvline(ranks[name], color="red", linestyle="--", label=f"rank {ranks[name]}")
+            ax.legend(loc="upper right")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("i")
+        ax.set_ylabel("σᵢ")
+    fig.tight_layout()
+    writer.add_figure("lmd/spectra", fig, step)
+
+
+def _sweep(
+    writer: SummaryWriter, sweep: list[dict[str, Any]], metric: str, step: int, chosen: tuple[int, float | None]
+) -> None:
+    for row in sorted(sweep, key=lambda r: r["params"]):
+        writer.add_scalar(f"lmd/sweep/{metric}", row["metric"], global_step=row["params"])
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.add_subplot()
+    ax.plot([r["params"] for r in sweep], [r["metric"] for r in sweep], "o-", label="truncated, no fine-tune")
+    if chosen[1] is not None:
+        ax.plot([chosen[0]], [chosen[1]], "r*", markersize=14, label="chosen")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(metric)
+    ax.legend()
+    fig.tight_layout()
+    writer.add_figure("lmd/rank_accuracy_sweep", fig, step)
