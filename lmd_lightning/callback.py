@@ -19,9 +19,9 @@ from pytorch_lightning.callbacks import Callback
 
 from lmd_lightning import trainer_surgery
 from lmd_lightning.compress import compress_, restore_factored_
-from lmd_lightning.convergence import ConvergenceMonitor, tensor_norms
+from lmd_lightning.convergence import ConvergenceMonitor, GradNormMeter
 from lmd_lightning.factored import PARAMETRIZATIONS
-from lmd_lightning.guard import check_guard_arguments, search_knob, sweep_knob
+from lmd_lightning.guard import check_guard_arguments, measure_and_guard
 from lmd_lightning.policies import RankPolicy
 from lmd_lightning.report import CompressionReport
 from lmd_lightning.schedule import Schedule, default_last_epoch
@@ -133,8 +133,7 @@ class LMDCompressionBase:
         self.reports: list[dict[str, Any]] = []  # CompressionReport.to_dict() of each compression
         self.failure: str | None = None  # why compression was abandoned, if it was
         self._schedule = Schedule(min_epochs, max_epochs, rounds, by_epoch=self.trigger == "epoch")  # set at setup
-        self._params: list[torch.nn.Parameter] = []  # refreshed every epoch start, after any swap
-        self._layers: dict[str, list[int]] = {}  # module name → indices into _params
+        self._meter = GradNormMeter(per_layer_norms)  # parameters re-read every epoch start, after any swap
         self._lightning: Any = None  # pytorch_lightning or lightning.pytorch, set at setup
         self._user_strict = True
 
@@ -176,7 +175,7 @@ class LMDCompressionBase:
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._due(trainer.current_epoch):
             self._compress(trainer, pl_module)
-        self._cache_params(pl_module)  # swaps happen only above
+        self._meter.refresh(pl_module.named_parameters())  # swaps happen only above
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.trigger == "grad_norm" and self.convergence.ema is not None:
@@ -185,6 +184,8 @@ class LMDCompressionBase:
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.guard is not None and self.metric in trainer.callback_metrics:
             self._report_final(float(trainer.callback_metrics[self.metric]))
+        if trainer.loggers:
+            self._log_hparams(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -237,27 +238,13 @@ class LMDCompressionBase:
         """The epoch of the latest round."""
         return self.compressed_epochs[-1] if self.compressed_epochs else None
 
-    def _cache_params(self, pl_module: pl.LightningModule) -> None:
-        """The parameters whose gradients make ‖∇L‖, and their layers, read once per epoch."""
-        named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
-        self._params = [p for _, p in named]
-        self._layers = {}
-        for index, (name, _) in enumerate(named):
-            self._layers.setdefault(name.rpartition(".")[0], []).append(index)
-
     def _due(self, epoch: int) -> bool:
         return self.failure is None and self._schedule.due(epoch, self.compressed_epochs, self.convergence.converged)
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        norms = tensor_norms(p.grad if p.grad is not None else torch.zeros(()) for p in self._params)  # (k,)
-        factor = trainer_surgery.gradient_unscale_factor(trainer, optimizer)
-        if factor is not None:
-            norms = norms * factor
-        layers = None
-        if self.per_layer_norms:
-            layers = {name: torch.linalg.vector_norm(norms[idx]) for name, idx in self._layers.items()}
+        norm, layers = self._meter.measure(trainer_surgery.gradient_unscale_factor(trainer, optimizer))
         was = self.convergence.converged
-        if self.convergence.update(torch.linalg.vector_norm(norms), trainer.global_step, layers) and not was:
+        if self.convergence.update(norm, trainer.global_step, layers) and not was:
             self._info(
                 f"LMDCompression: converged at step {trainer.global_step} ({self.convergence.reason}); "
                 f"‖∇L‖ EMA {self.convergence.ema:.4g}, peak {self.convergence.peak:.4g}. Compressing at the next epoch."
@@ -308,23 +295,17 @@ class LMDCompressionBase:
         policy = self.policy.for_round(self.round + 1, self.rounds)
         if not self.metric:
             return policy
-        evaluate = lambda: trainer_surgery.evaluate(trainer, pl_module, self.metric, self.guard_batches)  # noqa: E731
-        apply = lambda candidate: self._apply(pl_module, candidate)  # noqa: E731
-        restore = lambda: undo(pl_module, record)  # noqa: E731
-        self.sweep = sweep_knob(policy, evaluate, apply, restore, self.sweep_points)
-        if self.max_accuracy_drop is None:
-            self.guard = {"before": evaluate(), "after": None, "knob": policy.knob_value, "trials": []}
-            return policy
-        result = search_knob(policy, evaluate, apply, restore, self.max_accuracy_drop, self.mode, self.search_steps)
-        chosen = None if result.policy is None else result.policy.knob_value
-        self.guard = {"before": result.before, "after": None, "knob": chosen, "trials": result.trials}
-        for trial in result.trials:
-            self._info(
-                f"LMDCompression guard: {policy.knob or 'policy'}={trial['knob']} → {self.metric} "
-                f"{trial['metric']:.4f} (drop {trial['drop']:+.4f}, {trial['params']:,} params)"
-                f"{'' if trial['accepted'] else ' rejected'}"
-            )
-        return result.policy
+        outcome = measure_and_guard(
+            policy,
+            evaluate=lambda: trainer_surgery.evaluate(trainer, pl_module, self.metric, self.guard_batches),
+            apply=lambda candidate: self._apply(pl_module, candidate),
+            undo=lambda: undo(pl_module, record),
+            max_drop=self.max_accuracy_drop, mode=self.mode, steps=self.search_steps, sweep_points=self.sweep_points,
+        )
+        self.guard, self.sweep = outcome.guard, outcome.sweep
+        for line in outcome.describe(self.metric):
+            self._info(f"LMDCompression guard: {line}")
+        return outcome.policy
 
     def _finish(self, trainer: pl.Trainer, report: CompressionReport, why: str) -> None:
         self.compressed_epochs.append(trainer.current_epoch)
@@ -343,6 +324,19 @@ class LMDCompressionBase:
             tensorboard.log_compression(
                 trainer.loggers, trainer.global_step, report, self.round, self.guard, self.sweep, self.metric
             )
+
+    def _log_hparams(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lmd_lightning import tensorboard
+
+        hparams = {
+            "lmd/policy": repr(self.policy), "lmd/trigger": self.trigger, "lmd/rounds": self.rounds,
+            "lmd/min_epochs": self.min_epochs, "lmd/parametrization": self.parametrization,
+            "lmd/compressed_epochs": str(self.compressed_epochs),
+        }
+        ratio = self.reports[-1]["totals"]["compression_ratio"] if self.reports else 1.0
+        value = trainer.callback_metrics.get(self.metric) if self.metric else None
+        params = sum(p.numel() for p in pl_module.parameters())
+        tensorboard.log_final(trainer.loggers, hparams, params, ratio, self.metric, value)
 
     def _report_final(self, value: float) -> None:
         self.guard["final"] = value

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ConvergenceMonitor", "grad_norm", "tensor_norms"]
+__all__ = ["ConvergenceMonitor", "GradNormMeter", "grad_norm", "tensor_norms"]
 
 
 def tensor_norms(grads: Iterable[Tensor]) -> Tensor:
@@ -34,6 +34,33 @@ def tensor_norms(grads: Iterable[Tensor]) -> Tensor:
 def grad_norm(grads: Iterable[Tensor]) -> Tensor:
     """‖g‖₂ over all gradients (None skipped) as a 0-dim tensor: per-tensor norms fused, then one norm."""
     return torch.linalg.vector_norm(tensor_norms(g for g in grads if g is not None))
+
+
+class GradNormMeter:
+    """Measures ‖∇L‖ (and, on request, each layer's share) over a fixed list of parameters."""
+
+    def __init__(self, per_layer: bool = False) -> None:
+        self.per_layer = per_layer
+        self.params: list[torch.nn.Parameter] = []
+        self.layers: dict[str, list[int]] = {}  # module name → indices into params
+
+    def refresh(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> None:
+        """Re-read the trainable parameters (after a module swap)."""
+        named = [(name, p) for name, p in named_parameters if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.layers = {}
+        for index, (name, _) in enumerate(named):
+            self.layers.setdefault(name.rpartition(".")[0], []).append(index)
+
+    def measure(self, scale: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """The global gradient norm, times `scale` if given, and the per-layer norms if asked for."""
+        norms = tensor_norms(p.grad if p.grad is not None else torch.zeros(()) for p in self.params)  # (k,)
+        if scale is not None:
+            norms = norms * scale
+        layers = None
+        if self.per_layer:
+            layers = {name: torch.linalg.vector_norm(norms[idx]) for name, idx in self.layers.items()}
+        return torch.linalg.vector_norm(norms), layers
 
 
 def _check(value: Any, arg: str, low: float, high: float = math.inf, *, integer: bool = False, open_low: bool = False) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from lmd_lightning.policies import RankPolicy
 from lmd_lightning.report import CompressionReport
 
-__all__ = ["GuardResult", "check_guard_arguments", "search_knob", "sweep_knob"]
+__all__ = ["GuardOutcome", "GuardResult", "check_guard_arguments", "measure_and_guard", "search_knob", "sweep_knob"]
 
 
 def _check_int(value: Any, arg: str, low: int) -> None:
@@ -118,3 +118,40 @@ def sweep_knob(
         rows.append({"knob": candidate.knob_value, "metric": evaluate(), "params": report.model_params_after})
         undo()
     return rows
+
+
+@dataclass
+class GuardOutcome:
+    policy: RankPolicy | None  # the policy to apply; None keeps the model dense
+    guard: dict[str, Any]  # before, after (filled in by the caller), knob, trials
+    sweep: list[dict[str, Any]]
+    knob: str | None = None
+
+    def describe(self, metric: str) -> list[str]:
+        """One line per trial of the guard's search."""
+        return [
+            f"{self.knob or 'policy'}={t['knob']} → {metric} {t['metric']:.4f} (drop {t['drop']:+.4f}, "
+            f"{t['params']:,} params){'' if t['accepted'] else ' rejected'}"
+            for t in self.guard["trials"]
+        ]
+
+
+def measure_and_guard(
+    policy: RankPolicy,
+    evaluate: Callable[[], float],
+    apply: Callable[[RankPolicy], CompressionReport],
+    undo: Callable[[], None],
+    max_drop: float | None,
+    mode: str,
+    steps: int,
+    sweep_points: int,
+) -> GuardOutcome:
+    """The sweep, the metric before truncation and, when `max_drop` is set, the guard's search."""
+    sweep = sweep_knob(policy, evaluate, apply, undo, sweep_points)
+    if max_drop is None:
+        guard = {"before": evaluate(), "after": None, "knob": policy.knob_value, "trials": []}
+        return GuardOutcome(policy, guard, sweep, policy.knob)
+    result = search_knob(policy, evaluate, apply, undo, max_drop, mode, steps)
+    chosen = None if result.policy is None else result.policy.knob_value
+    guard = {"before": result.before, "after": None, "knob": chosen, "trials": result.trials}
+    return GuardOutcome(result.policy, guard, sweep, policy.knob)

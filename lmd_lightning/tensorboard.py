@@ -18,7 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lmd_lightning.report import CompressionReport
 
-__all__ = ["log_compression", "log_layout", "writers"]
+__all__ = ["log_compression", "log_final", "log_layout", "writers"]
 
 MAX_SPECTRA = 12  # layers drawn in the spectra figure; histograms cover all of them
 
@@ -114,3 +114,20 @@ def _sweep(
     ax.legend()
     fig.tight_layout()
     writer.add_figure("lmd/rank_accuracy_sweep", fig, step)
+
+
+def log_final(
+    loggers: list, hparams: dict[str, Any], params: int, ratio: float, metric: str | None, value: Any
+) -> None:
+    """Hyper-parameters with the final metrics on TensorBoard loggers; `hp_metric` gets a real value.
+
+    `hp_metric` is the final monitored metric, or the compression ratio without a monitor,
+    in place of the −1 that Lightning writes at the start.
+    """
+    metrics = {"lmd/final_params": float(params), "lmd/compression_ratio": float(ratio)}
+    if value is not None:
+        metrics[f"lmd/final_{metric}"] = float(value)
+    metrics["hp_metric"] = metrics.get(f"lmd/final_{metric}", metrics["lmd/compression_ratio"])
+    for logger in loggers:
+        if isinstance(getattr(logger, "experiment", None), SummaryWriter):
+            logger.log_hyperparams(hparams, metrics)

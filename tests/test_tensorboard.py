@@ -42,6 +42,9 @@ def test_tensorboard_gets_scalars_sweep_spectra_and_layout(tmp_path: Path) -> No
     assert {"lmd/spectra", "lmd/rank_accuracy_sweep"} <= set(tags["images"])
     assert {"lmd/singular_values/net.0", "lmd/singular_values/net.2"} <= set(tags["histograms"])
     assert "custom_scalars__config__" in tags["tensors"]  # the Custom Scalars layout
+    # hparams at the end: the final metric replaces Lightning's hp_metric = -1 placeholder.
+    assert value["hp_metric"] == pytest.approx(value["lmd/final_val_acc"]) and value["hp_metric"] > 0
+    assert value["lmd/final_params"] == report["totals"]["model_params_after"]
 
 
 def test_csv_logger_gets_the_scalars(tmp_path: Path) -> None:
