@@ -16,13 +16,12 @@ backward pass computes the input gradient too and the MAC ratio holds exactly.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 from torch import nn
 
-from benchmarks.common import markdown_table, time_it, write_result
+from benchmarks.common import device_args, markdown_table, time_it, write_result
 from lmd_lightning import FactoredLinear
 
 BATCH = 256
@@ -123,18 +122,7 @@ def goal_verdict(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (smoke test)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own; printed in the header)"
-    )
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda requested but CUDA is not available")
-
+    args = device_args(__doc__.splitlines()[0], "tiny shapes and few repeats (smoke test)", argv)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     repeats, warmup = (3, 1) if args.quick else (15, 3)
     rows = [bench_shape(i, o, r, args.device, repeats, warmup) for i, o, r in shapes]

@@ -17,13 +17,12 @@ compared with the Eckart–Young optimum √(Σ_{i>r} σᵢ²) / ‖W‖_F taken
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 from torch import Tensor
 
-from benchmarks.common import markdown_table, time_it, write_result
+from benchmarks.common import device_args, markdown_table, time_it, write_result
 from lmd_lightning.svd import Factors, truncated_svd
 
 SEED = 0
@@ -147,17 +146,7 @@ def verdict(rows: list[tuple[str, dict]], quick: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="512×512 at r=32 and tiny scaling widths (smoke test)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own; printed in the header)"
-    )
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda requested but CUDA is not available")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = device_args(__doc__.splitlines()[0], "512×512 at r=32 and tiny scaling widths (smoke test)", argv)
     device = args.device
 
     if args.quick:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import time
@@ -83,3 +84,19 @@ def write_result(name: str, title: str, body: str, command: str, device: str = "
     text = f"# {title}\n\n{machine_header(device)}\n- reproduce: `{command}`\n\n{body.rstrip()}\n"
     path.write_text(text)
     return path
+
+
+def device_args(description: str, quick_help: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse --quick, --device cpu|cuda and --threads; apply the thread count; refuse a missing GPU."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own; printed in the header)"
+    )
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda requested but CUDA is not available")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return args

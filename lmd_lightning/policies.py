@@ -8,6 +8,7 @@ r·(m+n) < m·n) is applied by `compress_` for every policy alike.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import warnings
@@ -25,6 +26,7 @@ __all__ = [
     "FixedRank",
     "GlobalBudget",
     "LayerSpectrum",
+    "PerLayerPolicy",
     "RankPolicy",
     "RankRatio",
 ]
@@ -62,7 +64,7 @@ def _check_open_unit(value: object, arg: str) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RankPolicy:
+class RankPolicy(abc.ABC):
     """Base of all policies. `min_rank` ≤ chosen rank ≤ `max_rank` (None: no upper bound)."""
 
     min_rank: int = 1  # never truncate below this rank
@@ -107,20 +109,29 @@ class RankPolicy:
         """Default for a kept fraction of what is left (energy, budget): the R-th root each round."""
         return self.knob_value ** (1 / rounds)
 
+    @abc.abstractmethod
     def choose(self, layers: Sequence[LayerSpectrum]) -> list[int]:
-        """One rank per layer, clamped to [min_rank, max_rank] and to the layer's own maximum."""
-        return [self.clamp(self.rank_for(layer), layer) for layer in layers]
-
-    def rank_for(self, layer: LayerSpectrum) -> int:
-        raise NotImplementedError(f"{type(self).__name__} must implement rank_for or choose")
+        """One rank per layer, each within [min_rank, max_rank] and the layer's own maximum."""
 
     def clamp(self, rank: int, layer: LayerSpectrum) -> int:
         upper = layer.max_rank if self.max_rank is None else min(self.max_rank, layer.max_rank)
         return max(min(rank, upper), min(self.min_rank, layer.max_rank))
 
 
+@dataclass(frozen=True, kw_only=True)
+class PerLayerPolicy(RankPolicy):
+    """A policy that decides each layer from that layer alone."""
+
+    def choose(self, layers: Sequence[LayerSpectrum]) -> list[int]:
+        return [self.clamp(self.rank_for(layer), layer) for layer in layers]
+
+    @abc.abstractmethod
+    def rank_for(self, layer: LayerSpectrum) -> int:
+        """The rank for one layer, before clamping."""
+
+
 @dataclass(frozen=True)
-class FixedRank(RankPolicy):
+class FixedRank(PerLayerPolicy):
     """The same rank r for every layer (capped at each layer's full rank)."""
 
     rank: int  # the rank to keep
@@ -136,7 +147,7 @@ class FixedRank(RankPolicy):
 
 
 @dataclass(frozen=True)
-class RankRatio(RankPolicy):
+class RankRatio(PerLayerPolicy):
     """r = round(ratio · min(m, n)), at least 1: a fixed fraction of each layer's full rank."""
 
     ratio: float  # fraction of full rank to keep, in (0, 1)
@@ -169,7 +180,7 @@ def _smallest_rank_keeping(s: Tensor, energy: float) -> int:
 
 
 @dataclass(frozen=True)
-class EnergyRank(RankPolicy):
+class EnergyRank(PerLayerPolicy):
     """Smallest r keeping Σ_{i≤r} σᵢ² / Σ σᵢ² ≥ energy."""
 
     energy: float  # share of ‖W‖_F² to keep, in (0, 1)
@@ -186,7 +197,7 @@ class EnergyRank(RankPolicy):
 
 
 @dataclass(frozen=True)
-class ErrorBound(RankPolicy):
+class ErrorBound(PerLayerPolicy):
     """Smallest r with ‖W − W_r‖_F ≤ eps·‖W‖_F: the margin of error ε of LMD Theorem 1."""
 
     eps: float  # relative Frobenius error allowed, in (0, 1)
@@ -207,7 +218,7 @@ class ErrorBound(RankPolicy):
 
 
 @dataclass(frozen=True)
-class EffectiveRank(RankPolicy):
+class EffectiveRank(PerLayerPolicy):
     """r = ⌈exp(H(p))⌉ with pᵢ = σᵢ/Σσ: the entropy effective rank (Roy & Vetterli 2007)."""
 
     def rank_for(self, layer: LayerSpectrum) -> int:

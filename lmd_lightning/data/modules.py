@@ -26,8 +26,8 @@ def _check_positive(value: object, arg: str) -> None:
         raise ValueError(f"`{arg}` must be an int >= 1, got {value!r}")
 
 
-class _SplitsDataModule(pl.LightningDataModule, abc.ABC):
-    """Train/val/test from in-memory Splits, features standardized with the training statistics."""
+class _DataModule(pl.LightningDataModule):
+    """Loaders over `self.datasets` ("train", "val", "test"), the training one shuffled with a seed."""
 
     num_classes: int
     input_shape: tuple[int, ...]
@@ -36,18 +36,7 @@ class _SplitsDataModule(pl.LightningDataModule, abc.ABC):
         super().__init__()
         _check_positive(batch_size, "batch_size")
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
-        self.datasets: dict[str, TensorDataset] = {}
-
-    @abc.abstractmethod
-    def _make_splits(self) -> dict[str, Split]:
-        """The raw train/val/test splits."""
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        splits = self._make_splits()
-        mean, std = splits["train"].x.mean(0), splits["train"].x.std(0).clamp_min(1e-6)
-        self.datasets = {name: TensorDataset((s.x - mean) / std, s.y) for name, s in splits.items()}
+        self.datasets: dict[str, Dataset] = {}
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
@@ -64,6 +53,21 @@ class _SplitsDataModule(pl.LightningDataModule, abc.ABC):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+
+class _SplitsDataModule(_DataModule, abc.ABC):
+    """Train/val/test from in-memory Splits, features standardized with the training statistics."""
+
+    @abc.abstractmethod
+    def _make_splits(self) -> dict[str, Split]:
+        """The raw train/val/test splits."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        splits = self._make_splits()
+        mean, std = splits["train"].x.mean(0), splits["train"].x.std(0).clamp_min(1e-6)
+        self.datasets = {name: TensorDataset((s.x - mean) / std, s.y) for name, s in splits.items()}
 
 
 class MNIST1DDataModule(_SplitsDataModule):
@@ -113,7 +117,7 @@ class TeacherDataModule(_SplitsDataModule):
 TORCHVISION = {"mnist": ("MNIST", 10, (1, 28, 28)), "cifar10": ("CIFAR10", 10, (3, 32, 32))}
 
 
-class TorchvisionDataModule(pl.LightningDataModule):
+class TorchvisionDataModule(_DataModule):
     """MNIST or CIFAR-10 through torchvision, downloaded on first use when a network is there.
 
     The validation split is the last `val_size` images of the training set (fixed seed); the
@@ -130,16 +134,14 @@ class TorchvisionDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
         if name not in TORCHVISION:
             raise ValueError(f"`name` must be one of {sorted(TORCHVISION)}, got {name!r}")
-        _check_positive(batch_size, "batch_size")
+        super().__init__(batch_size, seed, num_workers)
         _check_positive(val_size, "val_size")
-        self.name, self.batch_size, self.val_size = name, batch_size, val_size
+        self.name, self.val_size = name, val_size
         self.data_dir = Path(data_dir or default_data_dir())
-        self.download, self.seed, self.num_workers = download, seed, num_workers
+        self.download = download
         _, self.num_classes, self.input_shape = TORCHVISION[name]
-        self.datasets: dict[str, Dataset] = {}
 
     def _dataset(self, train: bool) -> Dataset:
         try:
@@ -171,15 +173,3 @@ class TorchvisionDataModule(pl.LightningDataModule):
         sizes = [len(full) - self.val_size, self.val_size]
         train, val = random_split(full, sizes, generator=torch.Generator().manual_seed(self.seed))
         self.datasets = {"train": train, "val": val, "test": self._dataset(train=False)}
-
-    def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(self.datasets[name], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
