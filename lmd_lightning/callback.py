@@ -135,7 +135,7 @@ class LMDCompressionBase:
         self._schedule = Schedule(min_epochs, max_epochs, rounds, by_epoch=self.trigger == "epoch")  # set at setup
         self._meter = GradNormMeter(per_layer_norms)  # parameters re-read every epoch start, after any swap
         self._lightning: Any = None  # pytorch_lightning or lightning.pytorch, set at setup
-        self._user_strict = True
+        self._user_strict: bool | None = None  # the module's strict_loading while we hold it off
 
     # ---- Lightning hooks: each hands off to a private method ----
 
@@ -149,7 +149,8 @@ class LMDCompressionBase:
         self._schedule = Schedule(self.min_epochs, last, self.rounds, by_epoch=self.trigger == "epoch")
         # Lightning loads weights before callbacks see the checkpoint: load loosely, then
         # strictly again in on_load_checkpoint once the factored structure is rebuilt.
-        self._user_strict, pl_module.strict_loading = pl_module.strict_loading, False
+        if self._user_strict is None:
+            self._user_strict, pl_module.strict_loading = pl_module.strict_loading, False
         if trainer.loggers and stage == "fit":
             from lmd_lightning import tensorboard
 
@@ -159,10 +160,13 @@ class LMDCompressionBase:
         self._restore_structure(pl_module, checkpoint["state_dict"])
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.strict_loading = self._user_strict
+        self._give_back_strictness(pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        pl_module.strict_loading = self._user_strict  # also when no checkpoint was loaded
+        self._give_back_strictness(pl_module)  # also when no checkpoint was loaded
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._give_back_strictness(pl_module)  # Lightning skips teardown on an exception
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if self.round < self.rounds and self.trigger == "grad_norm" and trainer.global_step % self.every_n_steps == 0:
@@ -182,7 +186,7 @@ class LMDCompressionBase:
             self._log_norms(pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.guard is not None and self.metric in trainer.callback_metrics:
+        if self.guard is not None and self.guard["after"] is not None and self.metric in trainer.callback_metrics:
             self._report_final(float(trainer.callback_metrics[self.metric]))
         if trainer.loggers:
             self._log_hparams(trainer, pl_module)
@@ -345,10 +349,15 @@ class LMDCompressionBase:
             f"truncation, {value:.4f} after fine-tuning"
         )
 
+    def _give_back_strictness(self, pl_module: pl.LightningModule) -> None:
+        if self._user_strict is not None:
+            pl_module.strict_loading, self._user_strict = self._user_strict, None
+
     def _restore_structure(self, pl_module: pl.LightningModule, state_dict: dict[str, torch.Tensor]) -> None:
         rebuilt = restore_factored_(pl_module, state_dict)
-        pl_module.load_state_dict(state_dict, strict=self._user_strict)
-        pl_module.strict_loading = self._user_strict
+        strict = pl_module.strict_loading if self._user_strict is None else self._user_strict
+        pl_module.load_state_dict(state_dict, strict=strict)
+        self._give_back_strictness(pl_module)
         if rebuilt:
             self._info(f"LMDCompression: rebuilt {len(rebuilt)} factored layers from the checkpoint")
 

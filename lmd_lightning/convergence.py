@@ -54,7 +54,8 @@ class GradNormMeter:
 
     def measure(self, scale: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor] | None]:
         """The global gradient norm, times `scale` if given, and the per-layer norms if asked for."""
-        norms = tensor_norms(p.grad if p.grad is not None else torch.zeros(()) for p in self.params)  # (k,)
+        grads = (p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in self.params)
+        norms = tensor_norms(grads)  # (k,)
         if scale is not None:
             norms = norms * scale
         layers = None
@@ -115,6 +116,7 @@ class ConvergenceMonitor:
         self.converged_step: int | None = None
         self.reason: str | None = None
         self.latest_layer_norms: dict[str, Tensor] = {}
+        self._finite_in_window = 0
 
     @property
     def ema(self) -> float | None:
@@ -131,8 +133,10 @@ class ConvergenceMonitor:
         if self.converged:
             return True
         norm = torch.as_tensor(grad_norm).detach()
-        if self._buffer is None or self._buffer.device != norm.device:
+        if self._buffer is None:
             self._buffer = torch.empty(self.window, dtype=torch.float32, device=norm.device)
+        elif self._buffer.device != norm.device:  # restored on the host, training on an accelerator
+            self._buffer = self._buffer.to(norm.device)
         self._buffer[self._pending] = norm
         self._pending += 1
         self.calls += 1
@@ -144,6 +148,7 @@ class ConvergenceMonitor:
     def _fold(self, values: list[float]) -> None:
         """Advance the EMA over `values`; non-finite ones are counted and skipped."""
         self._pending = 0
+        self._finite_in_window = sum(math.isfinite(v) for v in values)
         for value in values:
             if math.isfinite(value):
                 self._ema_raw = self.beta * self._ema_raw + (1 - self.beta) * value
@@ -153,7 +158,7 @@ class ConvergenceMonitor:
 
     def _check(self, step: int) -> None:
         ema = self.ema
-        if ema is None:
+        if ema is None or not self._finite_in_window:  # a window of only NaN/inf says nothing
             return
         self.peak = max(self.peak, ema)
         previous, self.last_check_ema = self.last_check_ema, ema
@@ -164,7 +169,7 @@ class ConvergenceMonitor:
             return
         if self.streak >= self.patience:
             self._declare(step, f"‖∇L‖ EMA changed < {self.plateau_tol:.0%} per {self.window} steps for {self.streak} checks")
-        elif ema <= self.rel_tol * self.peak:
+        elif self.peak > 0 and ema <= self.rel_tol * self.peak:
             self._declare(step, f"‖∇L‖ EMA fell to {ema / self.peak:.1%} of its peak {self.peak:.4g}")
 
     def _declare(self, step: int, reason: str) -> None:

@@ -46,7 +46,8 @@ def check_supported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         )
     if not isinstance(strategy, (L.strategies.SingleDeviceStrategy, L.strategies.DDPStrategy)):
         raise ValueError(f"LMDCompression supports single-device and DDP strategies, got {type(strategy).__name__}")
-    averaging_types = (L.callbacks.StochasticWeightAveraging, L.callbacks.WeightAveraging)
+    # WeightAveraging (EMA) exists from Lightning 2.6 on.
+    averaging_types = tuple(t for t in (L.callbacks.StochasticWeightAveraging, getattr(L.callbacks, "WeightAveraging", None)) if t)
     averaging = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, averaging_types)]
     if averaging:
         raise ValueError(
@@ -108,9 +109,8 @@ def _carry_optimizer(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> 
             if param in old.state:
                 new.state[param] = old.state[param]
                 carried += 1
-    if len(old.param_groups) == len(new.param_groups):
-        for old_group, new_group in zip(old.param_groups, new.param_groups):
-            new_group.update({key: value for key, value in old_group.items() if key != "params"})
+    for old_group, new_group in zip(old.param_groups, new.param_groups):
+        new_group.update({key: value for key, value in old_group.items() if key != "params"})
     return carried
 
 
@@ -131,12 +131,16 @@ def rebuild(trainer: pl.Trainer, before: Snapshot) -> dict[str, Any]:
             f"configure_optimizers returned {len(after.optimizers)} optimizers / {len(after.lr_scheduler_configs)} "
             f"schedulers after the swap, {len(before.optimizers)} / {len(before.lr_scheduler_configs)} before"
         )
+    for old, new in zip(before.optimizers, after.optimizers):
+        if len(old.param_groups) != len(new.param_groups):
+            raise RuntimeError(
+                f"configure_optimizers built {len(new.param_groups)} parameter groups after the swap, "
+                f"{len(old.param_groups)} before: their learning rates could not be carried over"
+            )
     carried = sum(_carry_optimizer(old, new) for old, new in zip(before.optimizers, after.optimizers))
     for old, new in zip(before.lr_scheduler_configs, after.lr_scheduler_configs):
         new.scheduler.load_state_dict(old.scheduler.state_dict())
-    pairs = zip(before.optimizers, after.optimizers)
-    groups_match = all(len(old.param_groups) == len(new.param_groups) for old, new in pairs)
-    return {"carried_states": carried, "groups_match": groups_match, "schedulers": len(after.lr_scheduler_configs)}
+    return {"carried_states": carried, "schedulers": len(after.lr_scheduler_configs)}
 
 
 def _batch_size(batch: Any) -> int:
@@ -169,34 +173,37 @@ def evaluate(trainer: pl.Trainer, pl_module: pl.LightningModule, metric: str, ma
     sums: dict[str, float] = defaultdict(float)
     weights: dict[str, float] = defaultdict(float)
     stateful: dict[str, Any] = {}  # torchmetrics objects: they accumulate, computed once at the end
-    size = 1
+    size, suffix = 1, ""  # the current batch's size; "/dataloader_idx_N" with several loaders, as Lightning names
 
     def capture(name: str, value: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
         if hasattr(value, "compute"):
-            stateful[name] = value
+            stateful[name + suffix] = value
             return
         weight = batch_size or size
-        sums[name] += float(value) * weight
-        weights[name] += weight
+        sums[name + suffix] += float(value) * weight
+        weights[name + suffix] += weight
 
     def capture_dict(values: Mapping[str, Any], *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
         for name, value in values.items():
             capture(name, value, batch_size=batch_size)
 
-    was_training, loaders = pl_module.training, _loaders(trainer)
+    modes, loaders = {module: module.training for module in pl_module.modules()}, _loaders(trainer)
     pl_module.log, pl_module.log_dict = capture, capture_dict  # instance attributes shadow the methods
     pl_module.eval()
     try:
         for index, loader in enumerate(loaders):
             extra = {"dataloader_idx": index} if len(loaders) > 1 else {}
+            suffix = f"/dataloader_idx_{index}" if len(loaders) > 1 else ""
             for batch_idx, batch in enumerate(loader):
                 if batch_idx >= max_batches:
                     break
                 size = _batch_size(batch)
-                pl_module.validation_step(trainer.strategy.batch_to_device(batch), batch_idx, **extra)
+                batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+                trainer.strategy.validation_step(batch, batch_idx, **extra)  # precision context, DDP path
     finally:
         del pl_module.log, pl_module.log_dict
-        pl_module.train(was_training)
+        for module, training in modes.items():  # each submodule's own mode, as Lightning does
+            module.train(training)
     values = {name: float(obj.compute()) for name, obj in stateful.items()}
     for obj in stateful.values():
         obj.reset()  # leave no trace in the real validation epoch

@@ -208,3 +208,23 @@ def test_per_layer_norms_and_ema_are_logged() -> None:
     assert total == pytest.approx(lmd.convergence._buffer[(lmd.convergence.calls - 1) % 5].item(), rel=1e-5)
     with pytest.raises(TypeError, match="`per_layer_norms` must be a bool"):
         LMDCompression(FixedRank(8), per_layer_norms="yes")
+
+
+class GroupedByKind(LitMLP):
+    """Builds one param group per module type: the count changes when Linear becomes FactoredLinear."""
+
+    def configure_optimizers(self):
+        kinds: dict[type, list] = {}
+        for module in self.modules():
+            params = list(module.parameters(recurse=False))
+            if params:
+                kinds.setdefault(type(module), []).extend(params)
+        return torch.optim.SGD([{"params": p} for p in kinds.values()], lr=0.05, momentum=0.9)
+
+
+def test_changed_param_group_count_rolls_back_instead_of_a_wrong_lr() -> None:
+    lmd = LMDCompression(FixedRank(8), trigger="epoch", min_epochs=1, include=["net.0"])
+    train, val = loaders()
+    with pytest.warns(UserWarning, match="parameter groups after the swap, 1 before"):
+        trainer(2, [lmd]).fit(GroupedByKind(max_epochs=2), train, val)
+    assert not lmd.compressed and "parameter groups" in lmd.failure

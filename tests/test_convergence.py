@@ -109,3 +109,19 @@ def test_reset_forgets() -> None:
 def test_invalid_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ConvergenceMonitor(**kwargs)
+
+
+def test_windows_of_only_non_finite_norms_are_no_plateau() -> None:
+    monitor = ConvergenceMonitor(window=10, patience=3, min_steps=0, rel_tol=0.0)
+    for step in range(30):
+        monitor.update(5.0 - 0.1 * step, step)
+    for step in range(30, 70):
+        assert not monitor.update(float("nan"), step)
+    assert monitor.nonfinite == 40 and monitor.streak < 3
+
+
+def test_all_zero_norms_do_not_divide_by_zero() -> None:
+    monitor = ConvergenceMonitor(window=10, patience=100, min_steps=0)
+    for step in range(30):
+        assert not monitor.update(0.0, step)
+    assert monitor.ema == 0.0

@@ -81,3 +81,33 @@ def test_amp_norm_is_unscaled_for_fused_and_plain_optimizers() -> None:
     plain, fused = _first_norm_seen(False), _first_norm_seen(True)
     assert 0.01 < plain < 100  # unscaled: the scale starts at 65536
     assert fused == pytest.approx(plain, rel=1e-3)
+
+
+def test_monitor_resumed_on_the_host_continues_on_cuda() -> None:
+    from lmd_lightning import ConvergenceMonitor
+
+    def feed(monitor, steps, device):
+        for s in steps:
+            monitor.update(torch.tensor(5.0 * 0.99**s, device=device), s)
+
+    reference = ConvergenceMonitor(window=10, min_steps=10**9)
+    feed(reference, range(57), "cuda")
+    first = ConvergenceMonitor(window=10, min_steps=10**9)
+    feed(first, range(25), "cuda")  # 5 norms pending in the buffer
+    resumed = ConvergenceMonitor(window=10, min_steps=10**9)
+    resumed.load_state_dict(first.state_dict())  # rebuilt on the host
+    feed(resumed, range(25, 57), "cuda")
+    assert resumed.ema == pytest.approx(reference.ema, rel=1e-6)
+
+
+def test_parameters_without_gradients_on_cuda() -> None:
+    from lmd_lightning.convergence import GradNormMeter
+
+    used, unused = nn.Linear(4, 4).cuda(), nn.Linear(4, 4).cuda()
+    used(torch.randn(2, 4, device="cuda")).sum().backward()
+    meter = GradNormMeter(per_layer=True)
+    meter.refresh([*(("used." + n, p) for n, p in used.named_parameters()),
+                   *(("unused." + n, p) for n, p in unused.named_parameters())])
+    norm, layers = meter.measure()
+    expected = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in used.parameters()]))
+    assert float(norm) == pytest.approx(float(expected), rel=1e-5) and float(layers["unused"]) == 0.0

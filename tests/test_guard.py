@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import pytorch_lightning as pl
+import torch
 
 from lmd_lightning import EnergyRank, ErrorBound, FixedRank, GlobalBudget, LMDCompression, RankRatio
 from lmd_lightning.guard import search_knob
@@ -108,3 +109,52 @@ def test_unlogged_monitor_raises_at_the_first_validation() -> None:
 def test_invalid_guard_arguments(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         LMDCompression(EnergyRank(0.9), **kwargs)
+
+
+def test_guard_keeping_the_model_dense_finishes_training() -> None:
+    lmd = LMDCompression(FixedRank(1), trigger="epoch", min_epochs=1, exclude="net.4", monitor="val_acc",
+                         max_accuracy_drop=0.0, guard_batches=1)
+    model = fit_with(lmd, max_epochs=3)
+    assert not lmd.compressed and lmd.failure.startswith("accuracy guard")
+    assert lmd.guard["after"] is None and len(lmd.guard["trials"]) == 1
+    assert type(model.net[0]) is torch.nn.Linear
+
+
+class TwoLoaders(LitMLP):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(-1) == y).float().mean())
+
+
+class FrozenNorm(LitMLP):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.norm = torch.nn.BatchNorm1d(32)
+
+    def forward(self, x):
+        return self.net(self.norm(x))
+
+    def on_train_start(self) -> None:
+        self.norm.eval()  # the user keeps this one in eval mode for the whole run
+
+
+def test_monitor_with_two_validation_loaders_uses_lightnings_names() -> None:
+    pl.seed_everything(0, verbose=False)
+    lmd = LMDCompression(EnergyRank(0.9), trigger="epoch", min_epochs=1, exclude="net.4",
+                         monitor="val_acc/dataloader_idx_1", max_accuracy_drop=1.0, guard_batches=1)
+    train, val = loaders()
+    trainer(2, [lmd]).fit(TwoLoaders(max_epochs=2), train, [val, val])
+    assert lmd.compressed and 0.0 <= lmd.guard["before"] <= 1.0
+
+
+def test_guard_evaluation_gives_back_each_submodules_mode() -> None:
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.norm_training = pl_module.norm.training
+
+    pl.seed_everything(0, verbose=False)
+    probe = Probe()
+    lmd = LMDCompression(EnergyRank(0.9), trigger="epoch", min_epochs=1, exclude="net.4", monitor="val_acc")
+    train, val = loaders()
+    trainer(2, [lmd, probe]).fit(FrozenNorm(max_epochs=2), train, val)
+    assert lmd.compressed and probe.norm_training is False
