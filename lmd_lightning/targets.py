@@ -123,11 +123,18 @@ def disable_fused_fast_paths(model: nn.Module) -> list[str]:
     return changed
 
 
+_FAST_PATH_FLAGS = {nn.TransformerEncoderLayer: "activation_relu_or_gelu", nn.TransformerEncoder: "use_nested_tensor"}
+
+
 def undo_record(model: nn.Module) -> dict:
-    """What `compress_` can change: the module objects, and the parameters of factored ones."""
+    """What `compress_` can change: modules, factored layers' parameters, fused fast-path flags."""
     modules = dict(model.named_modules())
     factors = {name: dict(m._parameters) for name, m in modules.items() if isinstance(m, FactoredModule)}
-    return {"modules": modules, "factors": factors}
+    flags = {
+        name: (flag, getattr(m, flag)) for name, m in modules.items()
+        for kind, flag in _FAST_PATH_FLAGS.items() if isinstance(m, kind) and hasattr(m, flag)
+    }
+    return {"modules": modules, "factors": factors, "flags": flags}
 
 
 def undo(model: nn.Module, record: dict) -> None:
@@ -138,3 +145,5 @@ def undo(model: nn.Module, record: dict) -> None:
             swap_module(model, current[name], module)
     for name, params in record["factors"].items():
         record["modules"][name]._parameters.update(params)
+    for name, (flag, value) in record["flags"].items():
+        setattr(record["modules"][name], flag, value)

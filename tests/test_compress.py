@@ -281,3 +281,18 @@ def test_lazy_module_stays_dense_with_a_reason() -> None:
     lazy = next(layer for layer in report.layers if layer.name == "2")
     assert "not initialised" in lazy.reason and lazy.params_before == 0
     assert model(torch.randn(3, 64)).shape == (3, 32)  # still materialises on first use
+
+
+def test_undo_puts_back_modules_factors_and_fast_paths() -> None:
+    from lmd_lightning.targets import undo, undo_record
+
+    model = TinyTransformer().eval()
+    compress_(model, FixedRank(8), include=["encoder.layers.0.linear1"])
+    shrunk = model.encoder.layers[0].linear1
+    record = undo_record(model)
+    compress_(model, FixedRank(2))
+    assert model.encoder.layers[1].activation_relu_or_gelu == 0 and shrunk.rank == 2
+    undo(model, record)
+    assert model.encoder.layers[1].activation_relu_or_gelu == 1 and isinstance(model.head, nn.Linear)
+    assert model.encoder.layers[0].linear1 is shrunk and shrunk.rank == 8
+    assert model.encoder.use_nested_tensor is False  # layer 0 is still factored, as when recorded
