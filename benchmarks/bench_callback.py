@@ -113,6 +113,7 @@ def overhead_table(loader: DataLoader, epochs: int, repeats: int, accelerator: s
             hook.append(callback.hook_seconds / max(callback.hook_steps, 1))
         a, b, h = statistics.median(off), statistics.median(on), statistics.median(hook)
         label = "never (control: even vs odd epochs)" if every is None else f"every {every} step{'s' if every > 1 else ''}"
+        label += " (the default)" if every == 4 else ""
         rows.append([
             label, f"{a * 1e3:.1f} ms", f"{b * 1e3:.1f} ms",
             f"{100 * (b - a) / a:+.2f}%", f"{h * 1e3:.3f} ms", f"{100 * h * steps / a:.2f}%",

@@ -62,7 +62,10 @@ class LMDCompressionBase:
             ‖∇L‖ has re-converged after the previous one; forced epochs are spread evenly up to
             `max_epochs`. With trigger="epoch" round k happens at the k-th of those epochs,
             the first at `min_epochs`.
-        every_n_steps: measure ‖∇L‖ every this many optimizer steps.
+        every_n_steps: measure ‖∇L‖ every this many optimizer steps. The norm reads every gradient
+            once; 4 keeps that under 2% of a step on small CPU models, and the monitor counts its
+            windows in steps, so it fires at the same epochs as with a norm every step
+            (benchmarks/results/convergence_every4.md, callback_overhead.md).
         per_layer_norms: also keep each layer's gradient norm (`convergence.latest_layer_norms`)
             and log it as `lmd/grad_norm/<layer>` at every epoch end, next to `lmd/grad_norm_ema`.
         parametrization / method: passed to `compress_`.
@@ -84,7 +87,7 @@ class LMDCompressionBase:
         rounds: int = 1,
         min_epochs: int = 1,
         max_epochs: int | None = None,
-        every_n_steps: int = 1,
+        every_n_steps: int = 4,
         per_layer_norms: bool = False,
         parametrization: str = "balanced",
         method: str = "auto",

@@ -74,8 +74,8 @@ def _check(value: Any, arg: str, low: float, high: float = math.inf, *, integer:
 class ConvergenceMonitor:
     """Decides when training has converged from a stream of gradient norms.
 
-    Converged when, after `min_steps` updates, either
-    - plateau: the EMA's relative change between two checks `window` updates apart stays below
+    Converged when, `min_steps` optimizer steps after the first norm, either
+    - plateau: the EMA's relative change between two checks `window` steps apart stays below
       `plateau_tol` for `patience` consecutive checks; or
     - decay: the EMA falls below `rel_tol` × its running peak.
     Non-finite norms are counted and skipped; they never move the EMA or trigger anything.
@@ -84,12 +84,12 @@ class ConvergenceMonitor:
     def __init__(
         self,
         # Measured on MNIST-1D, 3 seeds × (Adam, SGD + cosine): benchmarks/results/convergence.md.
-        beta: float = 0.9,  # EMA over ~10 steps; 0.98 smoothed the noise away and fired 4 epochs early
-        window: int = 50,  # updates between checks; 25 fired 9 epochs early under SGD
+        beta: float = 0.9,  # EMA decay per step (~10 steps); 0.98 smoothed the noise away and fired early
+        window: int = 50,  # steps between checks; 25 fired 9 epochs early under SGD
         plateau_tol: float = 0.05,  # <5% change per window is a plateau; 10% fired early
         patience: int = 5,  # plateau checks in a row; 3 came within one check of firing early
         rel_tol: float = 0.1,  # EMA at 10% of its peak; 5% fired 11 epochs late under cosine SGD
-        min_steps: int = 100,  # never converged before this many updates
+        min_steps: int = 100,  # never converged within this many steps of the first norm
     ) -> None:
         _check(beta, "beta", 0.0, 1.0)
         _check(window, "window", 1, integer=True)
@@ -104,8 +104,12 @@ class ConvergenceMonitor:
     def reset(self) -> None:
         """Forget everything: used after each compression round, before fine-tuning re-converges."""
         self._buffer: Tensor | None = None  # (window,) norms not yet folded into the EMA
-        self._pending = 0
-        self._ema_raw = 0.0  # biased EMA over finite norms
+        self._steps: list[int] = []  # the optimizer step of each buffered norm
+        self._ema_raw = 0.0  # EMA over finite norms, not yet bias-corrected
+        self._weight = 0.0  # the EMA's total weight, for bias correction
+        self._last_step: int | None = None  # step of the last finite norm folded in
+        self._first_step: int | None = None
+        self._last_check: int | None = None  # step of the last check
         self.updates = 0  # finite norms folded in
         self.calls = 0  # every call to update(), finite or not
         self.nonfinite = 0
@@ -121,11 +125,13 @@ class ConvergenceMonitor:
     @property
     def ema(self) -> float | None:
         """The bias-corrected EMA of ‖∇L‖ as of the last check; None before any finite norm."""
-        return self._ema_raw / (1 - self.beta**self.updates) if self.updates else None
+        return self._ema_raw / self._weight if self._weight > 0 else None
 
     def update(self, grad_norm: Tensor | float, step: int, layer_norms: dict[str, Tensor] | None = None) -> bool:
         """Feed one gradient norm measured at optimizer step `step`; returns `converged`.
 
+        Steps may skip (a norm every few steps): the EMA decays by `beta` per step, and `window`
+        and `min_steps` count steps, so the criterion means the same at any measuring rate.
         `layer_norms` (name → norm), when given, is kept as `latest_layer_norms` for inspection.
         """
         if layer_norms is not None:
@@ -137,26 +143,32 @@ class ConvergenceMonitor:
             self._buffer = torch.empty(self.window, dtype=torch.float32, device=norm.device)
         elif self._buffer.device != norm.device:  # restored on the host, training on an accelerator
             self._buffer = self._buffer.to(norm.device)
-        self._buffer[self._pending] = norm
-        self._pending += 1
+        if self._first_step is None:
+            self._first_step, self._last_check = step, step - 1
+        self._buffer[len(self._steps)] = norm
+        self._steps.append(step)
         self.calls += 1
-        if self._pending == self.window:
-            self._fold(self._buffer.tolist())
+        if step - self._last_check >= self.window or len(self._steps) == self.window:
+            self._fold(self._buffer[: len(self._steps)].tolist())
             self._check(step)
         return self.converged
 
     def _fold(self, values: list[float]) -> None:
-        """Advance the EMA over `values`; non-finite ones are counted and skipped."""
-        self._pending = 0
+        """Advance the EMA over the buffered norms; non-finite ones are counted and skipped."""
+        steps, self._steps = self._steps, []
         self._finite_in_window = sum(math.isfinite(v) for v in values)
-        for value in values:
-            if math.isfinite(value):
-                self._ema_raw = self.beta * self._ema_raw + (1 - self.beta) * value
-                self.updates += 1
-            else:
+        for value, step in zip(values, steps):
+            if not math.isfinite(value):
                 self.nonfinite += 1
+                continue
+            decay = self.beta ** (step - self._last_step) if self._last_step is not None else self.beta
+            self._ema_raw = decay * self._ema_raw + (1 - decay) * value
+            self._weight = decay * self._weight + (1 - decay)
+            self._last_step = step
+            self.updates += 1
 
     def _check(self, step: int) -> None:
+        self._last_check = step
         ema = self.ema
         if ema is None or not self._finite_in_window:  # a window of only NaN/inf says nothing
             return
@@ -165,7 +177,7 @@ class ConvergenceMonitor:
         if previous is not None and previous > 0:
             plateau = abs(ema - previous) / previous < self.plateau_tol
             self.streak = self.streak + 1 if plateau else 0
-        if self.updates < self.min_steps:
+        if step - self._first_step + 1 < self.min_steps:
             return
         if self.streak >= self.patience:
             self._declare(step, f"‖∇L‖ EMA changed < {self.plateau_tol:.0%} per {self.window} steps for {self.streak} checks")
@@ -175,21 +187,23 @@ class ConvergenceMonitor:
     def _declare(self, step: int, reason: str) -> None:
         self.converged, self.converged_step, self.reason = True, step, reason
 
+    _STATE = (
+        "_ema_raw", "_weight", "_last_step", "_first_step", "_last_check", "_steps", "updates", "calls", "nonfinite",
+        "peak", "last_check_ema", "streak", "converged", "converged_step", "reason",
+    )
+
     def state_dict(self) -> dict[str, Any]:
-        """Plain Python numbers only, so checkpoints load with torch.load(weights_only=True)."""
-        pending = [] if self._buffer is None else self._buffer[: self._pending].tolist()
-        keys = ("updates", "calls", "nonfinite", "peak", "last_check_ema", "streak", "converged", "converged_step", "reason")
-        return {"ema_raw": self._ema_raw, "pending": pending, **{key: getattr(self, key) for key in keys}}
+        """Plain Python numbers and lists only, so checkpoints load with torch.load(weights_only=True)."""
+        pending = [] if self._buffer is None else self._buffer[: len(self._steps)].tolist()
+        return {"pending": pending, **{key.lstrip("_"): getattr(self, key) for key in self._STATE}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reset()
-        for key, value in state.items():
-            if key not in ("ema_raw", "pending"):
-                setattr(self, key, value)
-        self._ema_raw = state["ema_raw"]
+        for key in self._STATE:
+            setattr(self, key, state[key.lstrip("_")])
+        self._steps = list(self._steps)
         if state["pending"]:
             self._buffer = torch.tensor(state["pending"] + [0.0] * (self.window - len(state["pending"])))
-            self._pending = len(state["pending"])
 
     def __repr__(self) -> str:
         return (

@@ -77,8 +77,9 @@ def test_state_dict_round_trip_continues_identically() -> None:
     head = feed(first, range(155))
     state = first.state_dict()
     assert len(state["pending"]) == 5  # 155 updates: 15 windows of 10 folded in, 5 pending
-    assert all(isinstance(v, (int, float, bool, str, type(None))) for k, v in state.items() if k != "pending")
-    assert all(isinstance(v, float) for v in state["pending"])
+    lists = {"pending", "steps"}
+    assert all(isinstance(v, (int, float, bool, str, type(None))) for k, v in state.items() if k not in lists)
+    assert all(isinstance(v, float) for v in state["pending"]) and state["steps"] == [150, 151, 152, 153, 154]
     resumed = ConvergenceMonitor(window=10, min_steps=30, rel_tol=0.05, patience=3)
     resumed.load_state_dict(state)
     assert head + feed(resumed, range(155, 400)) == expected
@@ -125,3 +126,18 @@ def test_all_zero_norms_do_not_divide_by_zero() -> None:
     for step in range(30):
         assert not monitor.update(0.0, step)
     assert monitor.ema == 0.0
+
+
+def test_sparse_measurements_mean_the_same_in_steps() -> None:
+    """A norm every 4th step: windows, min_steps and the EMA's time constant are counted in steps."""
+    dense = ConvergenceMonitor(window=20, min_steps=40, rel_tol=0.05, patience=100)
+    sparse = ConvergenceMonitor(window=20, min_steps=40, rel_tol=0.05, patience=100)
+    fired_dense = next(s for s in range(2000) if dense.update(10.0 * 0.98**s, s))
+    fired_sparse = next(s for s in range(0, 2000, 4) if sparse.update(10.0 * 0.98**s, s))
+    assert sparse.calls * 4 == pytest.approx(dense.calls, abs=4)
+    assert abs(fired_sparse - fired_dense) <= 20  # within one window
+    # Per-step decay: after a long gap the old norms weigh almost nothing.
+    gap = ConvergenceMonitor(window=1, min_steps=10**9, beta=0.9)
+    gap.update(100.0, 0)
+    gap.update(1.0, 100)
+    assert gap.ema == pytest.approx(1.0, rel=1e-2)
