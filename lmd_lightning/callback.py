@@ -14,11 +14,11 @@ import logging
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback
 
 from lmd_lightning import trainer_surgery
-from lmd_lightning.compress import compress_, restore_factored_
+from lmd_lightning.checkpoint import StrictLoadingHold
+from lmd_lightning.compress import compress_
 from lmd_lightning.convergence import ConvergenceMonitor, GradNormMeter
 from lmd_lightning.factored import PARAMETRIZATIONS
 from lmd_lightning.guard import check_guard_arguments, measure_and_guard
@@ -138,7 +138,7 @@ class LMDCompressionBase:
         self._schedule = Schedule(min_epochs, max_epochs, rounds, by_epoch=self.trigger == "epoch")  # set at setup
         self._meter = GradNormMeter(per_layer_norms)  # parameters re-read every epoch start, after any swap
         self._lightning: Any = None  # pytorch_lightning or lightning.pytorch, set at setup
-        self._user_strict: bool | None = None  # the module's strict_loading while we hold it off
+        self._strict = StrictLoadingHold()  # loose first load on resume, strict again after the rebuild
 
     # ---- Lightning hooks: each hands off to a private method ----
 
@@ -150,26 +150,25 @@ class LMDCompressionBase:
         if last is None and self.trigger == "grad_norm":
             self._warn("LMDCompression: the Trainer has no max_epochs, so compression is never forced")
         self._schedule = Schedule(self.min_epochs, last, self.rounds, by_epoch=self.trigger == "epoch")
-        # Lightning loads weights before callbacks see the checkpoint: load loosely, then
-        # strictly again in on_load_checkpoint once the factored structure is rebuilt.
-        if self._user_strict is None:
-            self._user_strict, pl_module.strict_loading = pl_module.strict_loading, False
+        self._strict.take(pl_module)  # see StrictLoadingHold
         if trainer.loggers and stage == "fit":
             from lmd_lightning import tensorboard
 
             tensorboard.log_layout(trainer.loggers, self.metric)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        self._restore_structure(pl_module, checkpoint["state_dict"])
+        rebuilt = self._strict.reload(pl_module, checkpoint["state_dict"])
+        if rebuilt:
+            self._info(f"LMDCompression: rebuilt {len(rebuilt)} factored layers from the checkpoint")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._give_back_strictness(pl_module)
+        self._strict.give_back(pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._give_back_strictness(pl_module)  # also when no checkpoint was loaded
+        self._strict.give_back(pl_module)  # also when no checkpoint was loaded
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._give_back_strictness(pl_module)  # Lightning skips teardown on an exception
+        self._strict.give_back(pl_module)  # Lightning skips teardown on an exception
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if self.round < self.rounds and self.trigger == "grad_norm" and trainer.global_step % self.every_n_steps == 0:
@@ -351,18 +350,6 @@ class LMDCompressionBase:
             f"LMDCompression: {self.metric} {self.guard['before']:.4f} dense, {self.guard['after']:.4f} right after "
             f"truncation, {value:.4f} after fine-tuning"
         )
-
-    def _give_back_strictness(self, pl_module: pl.LightningModule) -> None:
-        if self._user_strict is not None:
-            pl_module.strict_loading, self._user_strict = self._user_strict, None
-
-    def _restore_structure(self, pl_module: pl.LightningModule, state_dict: dict[str, torch.Tensor]) -> None:
-        rebuilt = restore_factored_(pl_module, state_dict)
-        strict = pl_module.strict_loading if self._user_strict is None else self._user_strict
-        pl_module.load_state_dict(state_dict, strict=strict)
-        self._give_back_strictness(pl_module)
-        if rebuilt:
-            self._info(f"LMDCompression: rebuilt {len(rebuilt)} factored layers from the checkpoint")
 
 
 class LMDCompression(LMDCompressionBase, Callback):

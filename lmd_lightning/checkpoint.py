@@ -10,7 +10,7 @@ import torch
 
 from lmd_lightning.compress import restore_factored_
 
-__all__ = ["LMDCheckpointMixin", "load_compressed"]
+__all__ = ["LMDCheckpointMixin", "StrictLoadingHold", "load_compressed", "load_factored_state"]
 
 M = TypeVar("M", bound=pl.LightningModule)
 
@@ -28,9 +28,41 @@ def load_compressed(module_cls: type[M], path: str | Path, map_location: Any = "
         raise ValueError(f"{path} holds no 'state_dict': is it a Lightning checkpoint? keys: {sorted(checkpoint)}")
     kwargs = {**checkpoint.get("hyper_parameters", {}), **init_kwargs}
     model = module_cls(**kwargs)
-    restore_factored_(model, checkpoint["state_dict"])
-    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    load_factored_state(model, checkpoint["state_dict"])
     return model.eval()
+
+
+def load_factored_state(module: torch.nn.Module, state_dict: dict[str, Any], strict: bool = True) -> list[str]:
+    """Rebuild the factored layers `state_dict` records, then load it; returns the layers rebuilt."""
+    rebuilt = restore_factored_(module, state_dict)
+    module.load_state_dict(state_dict, strict=strict)
+    return rebuilt
+
+
+class StrictLoadingHold:
+    """Keeps a LightningModule's `strict_loading` off while Lightning loads weights before structure.
+
+    On `fit(ckpt_path=...)` Lightning loads the model's weights before any callback sees the
+    checkpoint, so the factored layers do not exist yet: `take` makes that first load loose,
+    `reload` rebuilds the structure and loads again with the module's own strictness.
+    """
+
+    def __init__(self) -> None:
+        self._held: bool | None = None  # the module's own setting while we hold it
+
+    def take(self, module: pl.LightningModule) -> None:
+        if self._held is None:
+            self._held, module.strict_loading = module.strict_loading, False
+
+    def give_back(self, module: pl.LightningModule) -> None:
+        if self._held is not None:
+            module.strict_loading, self._held = self._held, None
+
+    def reload(self, module: pl.LightningModule, state_dict: dict[str, Any]) -> list[str]:
+        strict = module.strict_loading if self._held is None else self._held
+        rebuilt = load_factored_state(module, state_dict, strict)
+        self.give_back(module)
+        return rebuilt
 
 
 class LMDCheckpointMixin:
