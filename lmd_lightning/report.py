@@ -99,6 +99,13 @@ class CompressionReport:
         }
         return {"policy": self.policy, "layers": layers, "totals": totals, "notes": list(self.notes)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionReport:
+        """The report back from `to_dict()` (as the callback keeps it in checkpoints), without spectra."""
+        layers = [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in data["layers"]]
+        totals = data["totals"]
+        return cls(layers, totals["model_params_before"], totals["model_params_after"], data["policy"], data["notes"])
+
     def __str__(self) -> str:
         header = ("layer", "kind", "shape", "rank", "params", "MACs", "rel.err", "energy", "note")
         rows = [header] + [_row(layer) for layer in self.layers]

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lmd_lightning import (
+    CompressionReport,
     EnergyRank,
     FactoredConv2d,
     FactoredLinear,
@@ -80,6 +81,8 @@ def test_mlp_report_values() -> None:
     round_tripped = json.loads(json.dumps(report.to_dict()))
     assert round_tripped["totals"]["params_after"] == report.params_after
     assert round_tripped["layers"][0]["shape"] == [64, 32]
+    back = CompressionReport.from_dict(round_tripped)
+    assert back.layers == report.layers and str(back) == str(report)
 
 
 def test_high_energy_keeps_outputs() -> None:

@@ -76,3 +76,14 @@ def test_offline_without_files_says_what_to_do(monkeypatch, tmp_path: Path) -> N
     with pytest.raises(RuntimeError, match=r"MNIST is not in .* could not be downloaded .* use the offline MNIST-1D"):
         TorchvisionDataModule("mnist", data_dir=tmp_path).prepare_data()
     assert seen == {"root": str(tmp_path), "download": True}  # the real download path was taken
+
+
+def test_teacher_data_module_image_shaped() -> None:
+    dm = TeacherDataModule(n=200, classes=10, input_shape=[1, 4, 6], batch_size=20)
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (20, 1, 4, 6) and dm.input_shape == (1, 4, 6) and dm.dim == 24
+    train_x = dm.datasets["train"].tensors[0].flatten(1)
+    torch.testing.assert_close(train_x.mean(0), torch.zeros(24), atol=1e-4, rtol=0)  # standardized per pixel
+    with pytest.raises(ValueError, match="`input_shape`"):
+        TeacherDataModule(input_shape=[3, 0, 32])

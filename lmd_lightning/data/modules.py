@@ -9,6 +9,8 @@ raise an error that says what to do.
 from __future__ import annotations
 
 import abc
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -66,8 +68,11 @@ class _SplitsDataModule(_DataModule, abc.ABC):
         if self.datasets:
             return
         splits = self._make_splits()
-        mean, std = splits["train"].x.mean(0), splits["train"].x.std(0).clamp_min(1e-6)
-        self.datasets = {name: TensorDataset((s.x - mean) / std, s.y) for name, s in splits.items()}
+        train = splits["train"].x.flatten(1)  # per-feature statistics, also for image-shaped inputs
+        mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+        self.datasets = {
+            name: TensorDataset(((s.x.flatten(1) - mean) / std).reshape(s.x.shape), s.y) for name, s in splits.items()
+        }
 
 
 class MNIST1DDataModule(_SplitsDataModule):
@@ -99,19 +104,30 @@ class MNIST1DDataModule(_SplitsDataModule):
 
 
 class TeacherDataModule(_SplitsDataModule):
-    """A synthetic task labelled by a random low-rank teacher network: fast, for tests and smoke runs."""
+    """A synthetic task labelled by a random low-rank teacher network: fast, for tests and smoke runs.
+
+    `input_shape` (e.g. [1, 28, 28]) reshapes the `dim = prod(input_shape)` features into images,
+    so image recipes can be smoke-run without their dataset: `data=synthetic data.input_shape=[3,32,32]`.
+    """
 
     def __init__(
-        self, n: int = 2048, dim: int = 32, classes: int = 4, rank: int = 4, batch_size: int = 128, seed: int = 0
+        self, n: int = 2048, dim: int = 32, classes: int = 4, rank: int = 4, batch_size: int = 128, seed: int = 0,
+        input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__(batch_size, seed)
+        if input_shape is not None:
+            input_shape = tuple(input_shape)
+            for size in input_shape:
+                _check_positive(size, "input_shape")
+            dim = math.prod(input_shape)
         for value, arg in ((n, "n"), (dim, "dim"), (classes, "classes"), (rank, "rank")):
             _check_positive(value, arg)
         self.n, self.dim, self.classes, self.rank = n, dim, classes, rank
-        self.num_classes, self.input_shape = classes, (dim,)
+        self.num_classes, self.input_shape = classes, input_shape or (dim,)
 
     def _make_splits(self) -> dict[str, Split]:
-        return teacher_classification(self.n, self.dim, self.classes, self.rank, self.seed)
+        splits = teacher_classification(self.n, self.dim, self.classes, self.rank, self.seed)
+        return {name: Split(s.x.reshape(-1, *self.input_shape), s.y) for name, s in splits.items()}
 
 
 TORCHVISION = {"mnist": ("MNIST", 10, (1, 28, 28)), "cifar10": ("CIFAR10", 10, (3, 32, 32))}

@@ -1,0 +1,1 @@
+"""End-to-end Hydra recipes (`recipe=NAME`); installed as the package `lmd_lightning.recipes`."""

@@ -1,0 +1,178 @@
+"""The lmd-* commands: every recipe for a few batches, fine-tuning a checkpoint, a multirun and its report.
+
+Recipes run in-process through `experiment.train` (what `lmd-train` calls) with a composed
+config; the console scripts themselves run as subprocesses for --help, --cfg, errors and -m.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_configs import compose_config
+
+from lmd_lightning.cli import recipe_dir
+from lmd_lightning.experiment import CONFIG_KEY, RESULTS_FILE, export, finetune, load_model, train
+
+BIN = Path(sys.executable).parent
+TINY = (  # two epochs of a few batches, compression forced at epoch 1
+    "trainer.max_epochs=2", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=2",
+    "+trainer.limit_test_batches=2", "trainer.enable_progress_bar=false", "trigger=epoch",
+    "callback.sweep_points=3", "callback.guard_batches=2",
+)
+OFFLINE = {  # recipes whose data needs a download: the same models on synthetic data of the same shape
+    "mnist_lenet300": ("data=synthetic", "data.input_shape=[1,28,28]", "data.n=300"),
+    "cifar10_resnet": ("data=synthetic", "data.input_shape=[3,32,32]", "data.n=120", "data.batch_size=16",
+                       "model.width=8"),
+}
+
+
+def run_train(tmp_path: Path, *overrides: str) -> dict:
+    cfg = compose_config(overrides=(*TINY, *overrides), output_dir=tmp_path)
+    return train(cfg)
+
+
+def scalars(log_dir: str) -> dict[str, list[float]]:
+    events = EventAccumulator(log_dir).Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(path.stem for path in recipe_dir().glob("*.yaml")))
+def test_every_recipe_trains_compresses_and_logs(recipe: str, tmp_path: Path) -> None:
+    results = run_train(tmp_path, f"recipe={recipe}", *OFFLINE.get(recipe, ()))
+    assert results["compressed_epochs"] == [1] and results["failure"] is None
+    # After a few batches the weights are near their random init, with flat spectra: a policy may
+    # rightly keep a layer dense (break-even), so fewer parameters is checked where ranks were cut.
+    assert results["params"] <= results["params_before"] and (results["params"] < results["params_before"]) == any(
+        layer["rank"] is not None for layer in results["reports"][-1]["layers"]
+    )
+    assert 0.0 <= results["val_acc"] <= 1.0 and 0.0 <= results["test_acc"] <= 1.0
+    assert json.loads((tmp_path / RESULTS_FILE).read_text())["params"] == results["params"]
+    assert Path(results["checkpoint"]).is_file()
+    logged = scalars(results["log_dir"])
+    for layer, rank in results["ranks"].items():
+        assert logged[f"lmd/rank/{layer}"] == [rank]
+    assert logged["lmd/params"] == [results["params"]] and "lmd/sweep/val_acc" in logged
+
+
+def test_dense_baseline_and_csv_logger(tmp_path: Path) -> None:
+    results = run_train(tmp_path, "data=synthetic", "compression=none", "logger=csv")
+    assert results["params"] == results["params_before"] and "ranks" not in results
+    assert (Path(results["log_dir"]) / "metrics.csv").is_file()
+
+
+def test_finetune_a_checkpoint_and_compress_it_further(tmp_path: Path) -> None:
+    first = run_train(tmp_path / "train", "data=synthetic", "logger=none", "compression=fixed", "compression.rank=32")
+    checkpoint = torch.load(first["checkpoint"], weights_only=True)
+    assert checkpoint[CONFIG_KEY]["model"]["_target_"].endswith("MLPClassifier")  # what lmd-finetune rebuilds
+    cfg = compose_config(
+        "finetune", (f"ckpt_path={first['checkpoint']}", "compression=fixed", "compression.rank=8", "logger=none",
+                     "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+                     "test=false", "trainer.enable_progress_bar=false"),
+        output_dir=tmp_path / "finetune",
+    )
+    second = finetune(cfg)
+    assert second["params_before"] == first["params"]  # it started from the compressed model
+    assert set(second["ranks"].values()) == {8} and second["params"] < first["params"]
+    plain = compose_config("finetune", (f"ckpt_path={second['checkpoint']}", "logger=none", "trainer.max_epochs=1",
+                                        "+trainer.limit_train_batches=2", "test=false"), output_dir=tmp_path / "again")
+    third = finetune(plain)
+    assert third["params"] == third["params_before"] == second["params"] and "ranks" not in third
+
+
+def test_finetune_needs_a_model_for_foreign_checkpoints(tmp_path: Path) -> None:
+    path = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, path)
+    cfg = compose_config("finetune", (f"ckpt_path={path}",), output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"not written by lmd-train.*\+model=NAME"):
+        finetune(cfg)
+    missing = compose_config("finetune", (f"ckpt_path={tmp_path / 'nope.ckpt'}",), output_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="`ckpt_path`"):
+        finetune(missing)
+
+
+def command(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / name), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_console_scripts_help_and_cfg(tmp_path: Path) -> None:
+    shown = command("lmd-train", "--help", cwd=tmp_path)
+    assert shown.returncode == 0 and "recipe: cifar10_resnet" in shown.stdout and "compression:" in shown.stdout
+    job = command("lmd-train", "--cfg", "job", "recipe=mnist1d_cnn", "compression.params=0.3", cwd=tmp_path)
+    assert job.returncode == 0 and "CNN1DClassifier" in job.stdout and "params: 0.3" in job.stdout
+    for name in ("lmd-finetune", "lmd-export"):
+        assert command(name, "--help", cwd=tmp_path).returncode == 0
+    assert "usage: lmd-report" in command("lmd-report", "--help", cwd=tmp_path).stdout
+
+
+def test_console_script_errors_are_clear(tmp_path: Path) -> None:
+    unknown = command("lmd-train", "recipe=nope", cwd=tmp_path)
+    assert unknown.returncode != 0 and "recipe" in unknown.stderr and "mnist1d_mlp" in unknown.stderr
+    negative = command("lmd-train", "compression.energy=-0.5", "data=synthetic", cwd=tmp_path)
+    assert negative.returncode != 0 and "`energy` must be a float in (0, 1), got -0.5" in negative.stderr
+    no_ckpt = command("lmd-finetune", cwd=tmp_path)
+    assert no_ckpt.returncode != 0 and "ckpt_path" in no_ckpt.stderr
+
+
+@pytest.mark.slow
+def test_multirun_then_report(tmp_path: Path) -> None:
+    sweep = command(
+        "lmd-train", "-m", "compression.energy=0.5,0.95", "data=synthetic", "logger=none", *TINY,
+        "hydra.sweep.dir=sweep", cwd=tmp_path,
+    )
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob(f"*/{RESULTS_FILE}"))]
+    assert len(results) == 2 and results[0]["params"] < results[1]["params"]  # job 0: energy 0.5 keeps less
+    shown = command("lmd-report", "sweep", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    table = (tmp_path / "sweep" / "report.md").read_text()
+    assert "compression.energy=0.5" in table and "compression.energy=0.95" in table
+    assert (tmp_path / "sweep" / "tradeoff.png").stat().st_size > 1000
+
+
+def test_trained_model_layers_are_factored(tmp_path: Path) -> None:
+    results = run_train(tmp_path, "data=synthetic", "logger=none", "compression=fixed", "compression.rank=4")
+    checkpoint = torch.load(results["checkpoint"], weights_only=True)
+    factored = {k.rsplit(".", 1)[0]: v.shape[1] for k, v in checkpoint["state_dict"].items() if k.endswith(".U")}
+    assert factored == results["ranks"] == {"net.fc1": 4, "net.fc2": 4, "net.fc3": 4}
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("trained")
+    results = train(compose_config(overrides=(*TINY, "data=synthetic", "logger=none", "compression=fixed",
+                                              "compression.rank=8"), output_dir=root))
+    return results["checkpoint"]
+
+
+@pytest.mark.parametrize("format", ["torchscript", "exported_program", "state_dict", "onnx"])
+def test_export_formats_stay_factored_and_match(format: str, trained_checkpoint: str, tmp_path: Path) -> None:
+    if format == "onnx":
+        pytest.importorskip("onnxruntime")
+    output = tmp_path / {"torchscript": "m.ts.pt", "exported_program": "m.pt2", "state_dict": "m.pt",
+                         "onnx": "m.onnx"}[format]
+    cfg = compose_config("export", (f"ckpt_path={trained_checkpoint}", f"format={format}", f"output={output}"),
+                         output_dir=tmp_path)
+    result = export(cfg)
+    assert result.verified and result.path == output and output.is_file() and result.factored_layers == 3
+    model, _, data_cfg = load_model(cfg)
+    assert result.params == sum(p.numel() for p in model.parameters())
+    if format == "exported_program":  # an independent reload, on a batch size the export never saw
+        x = torch.randn(5, 40)
+        torch.testing.assert_close(torch.export.load(output).module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_export_command_and_bad_format(trained_checkpoint: str, tmp_path: Path) -> None:
+    done = command("lmd-export", f"ckpt_path={trained_checkpoint}", "format=exported_program",
+                   f"output={tmp_path / 'm.pt2'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "m.pt2").is_file() and "verified" in done.stdout
+    cfg = compose_config("export", (f"ckpt_path={trained_checkpoint}", "format=tflite"), output_dir=tmp_path)
+    with pytest.raises(ValueError, match="`format` must be one of .*'torchscript'.*got 'tflite'"):
+        export(cfg)

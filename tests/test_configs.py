@@ -1,0 +1,159 @@
+"""Every Hydra config group composes and instantiates, and its keys mirror the Python it targets."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException, MissingConfigException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig
+
+from lmd_lightning import ConvergenceMonitor, LMDCompression, RankPolicy
+from lmd_lightning.cli import config_dir, recipe_dir, register_recipes
+
+GROUPS = ("model", "data", "compression", "trigger", "trainer", "logger", "callback", "checkpoint", "paths")
+
+
+def compose_config(name: str = "train", overrides: tuple[str, ...] = (), output_dir: Path | None = None) -> DictConfig:
+    register_recipes()
+    extra = [f"paths.output_dir={output_dir}"] if output_dir else ["paths.output_dir=unused"]
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return compose(name, overrides=[*overrides, *extra])
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (config_dir() / group).glob("*.yaml"))
+
+
+def test_config_tree_ships_with_the_package() -> None:
+    assert set(GROUPS) <= {path.name for path in config_dir().iterdir() if path.is_dir()}
+    assert {"train.yaml", "finetune.yaml", "export.yaml"} <= {path.name for path in config_dir().glob("*.yaml")}
+    assert options("model") == ["cnn1d", "mlp", "resnet18", "transformer"]
+    assert options("data") == ["cifar10", "mnist", "mnist1d", "synthetic"]
+    assert options("compression") == ["budget", "energy", "error_bound", "fixed", "none"]
+    assert options("trigger") == ["epoch", "grad_norm"]
+    assert options("trainer") == ["cpu", "ddp", "gpu"]
+    assert options("logger") == ["csv", "none", "tensorboard"]
+    recipes = {"mnist1d_mlp", "mnist1d_cnn", "mnist1d_transformer", "cifar10_resnet", "mnist_lenet300"}
+    assert recipes <= {path.stem for path in recipe_dir().glob("*.yaml")}
+
+
+def test_default_composition() -> None:
+    cfg = compose_config()
+    assert cfg.model._target_.endswith("MLPClassifier") and cfg.data._target_.endswith("MNIST1DDataModule")
+    assert cfg.compression._target_ == "lmd_lightning.EnergyRank" and cfg.compression.energy == 0.9
+    assert cfg.trigger._target_ == "lmd_lightning.ConvergenceMonitor" and cfg.trainer.accelerator == "cpu"
+    assert cfg.model.optimizer._partial_ is True
+
+
+@pytest.mark.parametrize("option", options("model"))
+def test_model_configs_instantiate(option: str) -> None:
+    cfg = compose_config(overrides=(f"model={option}",))
+    model = instantiate(cfg.model, _convert_="all")
+    assert isinstance(model, pl.LightningModule)
+    out = model(model.example_input_array)
+    assert out.shape == (2, cfg.model.num_classes)
+    optimizer = model.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    assert type(optimizer) is get_class(cfg.model.optimizer._target_)
+    assert optimizer.defaults["lr"] == cfg.model.optimizer.lr
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_data_configs_instantiate(option: str) -> None:
+    cfg = compose_config(overrides=(f"data={option}",))
+    datamodule = instantiate(cfg.data)  # no download: that happens in prepare_data
+    assert isinstance(datamodule, pl.LightningDataModule) and datamodule.num_classes == 10
+    assert datamodule.batch_size == cfg.data.batch_size
+
+
+@pytest.mark.parametrize("option", [o for o in options("compression") if o != "none"])
+def test_compression_configs_mirror_the_policy_dataclasses(option: str) -> None:
+    cfg = compose_config(overrides=(f"compression={option}",))
+    policy = instantiate(cfg.compression)
+    assert isinstance(policy, RankPolicy)
+    fields = {field.name for field in dataclasses.fields(policy)}
+    assert set(cfg.compression) - {"_target_"} == fields  # key for key
+    for key in fields:
+        assert getattr(policy, key) == cfg.compression[key]
+    callback = instantiate(cfg.callback)
+    assert isinstance(callback, LMDCompression) and callback.policy == policy
+
+
+def test_callback_and_trigger_configs_mirror_their_signatures() -> None:
+    cfg = compose_config()
+    callback_args = set(inspect.signature(LMDCompression.__init__).parameters) - {"self", "filter_fn"}
+    assert set(cfg.callback) - {"_target_"} == callback_args  # filter_fn is a Python callable, not config
+    monitor_args = set(inspect.signature(ConvergenceMonitor.__init__).parameters) - {"self"}
+    assert set(cfg.trigger) - {"_target_"} == monitor_args
+    callback = instantiate(cfg.callback)
+    assert isinstance(callback.convergence, ConvergenceMonitor) and callback.trigger == "grad_norm"
+    assert callback.convergence.window == cfg.trigger.window and callback.exclude == "*head"
+    by_epoch = instantiate(compose_config(overrides=("trigger=epoch",)).callback)
+    assert by_epoch.trigger == "epoch"
+
+
+def test_compression_none_means_no_policy() -> None:
+    assert compose_config(overrides=("compression=none",)).compression is None
+    assert compose_config(name="finetune", overrides=("ckpt_path=x",)).compression is None
+
+
+@pytest.mark.parametrize("option", options("trainer"))
+def test_trainer_configs(option: str) -> None:
+    cfg = compose_config(overrides=(f"trainer={option}",))
+    assert get_class(cfg.trainer._target_) is pl.Trainer
+    if option == "cpu":
+        trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+        assert trainer.max_epochs == 30 and trainer.num_devices == 1
+    elif option == "ddp":
+        assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2
+    else:  # building a GPU Trainer needs a GPU; the config still has to name a real precision
+        assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+
+
+@pytest.mark.parametrize("option", options("logger"))
+def test_logger_configs(option: str, tmp_path: Path) -> None:
+    cfg = compose_config(overrides=(f"logger={option}",), output_dir=tmp_path)
+    if option == "none":
+        assert cfg.logger is None
+        return
+    logger = instantiate(cfg.logger)
+    assert type(logger).__name__ == {"tensorboard": "TensorBoardLogger", "csv": "CSVLogger"}[option]
+    assert Path(logger.log_dir).is_relative_to(tmp_path)
+
+
+def test_recipes_compose_and_override_groups() -> None:
+    cnn = compose_config(overrides=("recipe=mnist1d_cnn",))
+    assert cnn.model._target_.endswith("CNN1DClassifier") and cnn.compression._target_ == "lmd_lightning.GlobalBudget"
+    lenet = compose_config(overrides=("recipe=mnist_lenet300",))
+    assert lenet.model.in_features == 784 and list(lenet.model.widths) == [300, 100] and lenet.data.name == "mnist"
+    resnet = compose_config(overrides=("recipe=cifar10_resnet",))
+    assert resnet.data.name == "cifar10" and resnet.model.scheduler.T_max == resnet.trainer.max_epochs
+    # The command line wins over the recipe, for values and for groups.
+    mixed = compose_config(overrides=("recipe=mnist1d_cnn", "model=mlp", "compression.params=0.1"))
+    assert mixed.model._target_.endswith("MLPClassifier") and mixed.compression.params == 0.1
+
+
+def test_unknown_recipe_lists_the_recipes() -> None:
+    with pytest.raises(MissingConfigException, match="mnist1d_cnn"):
+        compose_config(overrides=("recipe=nope",))
+
+
+def test_bad_policy_value_names_the_argument() -> None:
+    cfg = compose_config(overrides=("compression.energy=-0.5",))
+    with pytest.raises(InstantiationException, match="`energy`"):
+        instantiate(cfg.callback)
+
+
+@pytest.mark.parametrize("recipe", sorted(path.stem for path in recipe_dir().glob("*.yaml")))
+def test_every_recipe_takes_every_policy(recipe: str) -> None:
+    """Recipes choose the compression group but leave its values alone, so `compression=…` always works."""
+    for option in [o for o in options("compression") if o != "none"]:
+        cfg = compose_config(overrides=(f"recipe={recipe}", f"compression={option}"))
+        assert isinstance(instantiate(cfg.compression), RankPolicy)
+        assert isinstance(instantiate(cfg.callback), LMDCompression)
