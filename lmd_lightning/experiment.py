@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -153,12 +154,18 @@ def _results(
     if compression is not None:
         guard = compression.guard or {}
         results |= {
-            "policy": repr(compression.policy), "compressed_epochs": compression.compressed_epochs,
+            "policy": _short(compression.policy), "compressed_epochs": compression.compressed_epochs,
             "ranks": compression.ranks, "failure": compression.failure, "monitor": compression.metric,
             "monitor_before": guard.get("before"), "monitor_after_truncation": guard.get("after"),
             "reports": compression.reports,
         }
     return results
+
+
+def _short(policy: Any) -> str:
+    """`EnergyRank(energy=0.9)`: the policy with only the fields that differ from their defaults."""
+    fields = [f for f in dataclasses.fields(policy) if f.default is dataclasses.MISSING or getattr(policy, f.name) != f.default]
+    return f"{type(policy).__name__}({', '.join(f'{f.name}={getattr(policy, f.name)!r}' for f in fields)})"
 
 
 def _summarise(results: dict[str, Any], compression: LMDCompression | None) -> None:

@@ -21,18 +21,25 @@ __all__ = ["collect", "main", "markdown", "pareto_front", "plot"]
 
 
 def collect(root: str | Path) -> list[dict[str, Any]]:
-    """Each run's results under `root`, with `run` (its overrides, or its folder) — sorted by parameters."""
+    """Each run's results under `root`, sorted by parameters; `run` names what sets it apart from the others.
+
+    `run` is the run's command-line overrides minus those every run shares (in a multirun: the
+    swept values), or its folder when it has no overrides.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"`DIR` must be a folder holding lmd-train runs, got {str(root)!r}")
-    rows = []
+    rows, overrides = [], []
     for path in sorted(root.rglob(RESULTS_FILE)):
-        row = json.loads(path.read_text())
-        overrides = path.parent / ".hydra" / "overrides.yaml"
-        label = " ".join(OmegaConf.load(overrides)) if overrides.is_file() else ""
-        rows.append({**row, "run": label or str(path.parent.relative_to(root))})
+        rows.append(json.loads(path.read_text()))
+        listed = path.parent / ".hydra" / "overrides.yaml"
+        overrides.append(list(OmegaConf.load(listed)) if listed.is_file() else [])
+        rows[-1]["folder"] = str(path.parent.relative_to(root))
     if not rows:
         raise FileNotFoundError(f"no {RESULTS_FILE} under {root}: point lmd-report at an lmd-train run or multirun dir")
+    shared = set.intersection(*(set(o) for o in overrides)) if len(rows) > 1 else set()
+    for row, own in zip(rows, overrides):
+        row["run"] = " ".join(o for o in own if o not in shared) or row["folder"]
     return sorted(rows, key=lambda row: row["params"])
 
 
@@ -69,24 +76,40 @@ def markdown(rows: list[dict[str, Any]], metric: str, front: list[bool]) -> str:
 
 def plot(rows: list[dict[str, Any]], metric: str, front: list[bool], path: str | Path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()
-    ax.plot([r["params"] for r in rows], [r.get(metric) for r in rows], "o", color="tab:blue", label="runs (final)")
+    params = [r["params"] for r in rows]
+    truncated = [(r["params"], r["monitor_after_truncation"]) for r in rows if r.get("monitor_after_truncation")]
+    if truncated:
+        ax.plot(*zip(*truncated), "o", mfc="none", color="tab:blue", alpha=0.6, label="truncated, before fine-tuning")
+    ax.plot(params, [r.get(metric) for r in rows], "o", color="tab:blue", label="after fine-tuning")
     best = [r for r, on in zip(rows, front) if on]
     ax.plot([r["params"] for r in best], [r[metric] for r in best], "-", color="tab:red", label="Pareto front")
-    dense = [r for r in rows if r.get("monitor_before") is not None]
+    dense = {(r["params_before"], r["monitor_before"]) for r in rows if r.get("monitor_before") is not None}
     if dense:
-        ax.plot([r["params_before"] for r in dense], [r["monitor_before"] for r in dense], "s", color="gray",
-                label="dense, before truncation")
+        ax.plot(*zip(*sorted(dense)), "s", color="gray", label="dense, before truncation")
     for row in rows:
-        ax.annotate(row["run"], (row["params"], row.get(metric) or 0.0), fontsize=6, alpha=0.7)
+        ax.annotate(row["run"], (row["params"], row.get(metric) or 0.0), fontsize=7, alpha=0.8,
+                    xytext=(4, 4), textcoords="offset points")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
+    ax.tick_params(axis="x", which="both", labelsize=7)
     ax.set_xlabel("parameters")
     ax.set_ylabel(metric)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _shared_overrides(root: Path) -> str:
+    listed = root / "multirun.yaml"
+    if not listed.is_file():
+        return ""
+    task = OmegaConf.load(listed).hydra.overrides.task
+    return " ".join(o for o in task if "," not in o.partition("=")[2])
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -101,6 +124,9 @@ def main(argv: list[str] | None = None) -> str:
     front = pareto_front(rows, args.metric, args.mode)
     table = markdown(rows, args.metric, front)
     root = Path(args.dir)
+    shared = _shared_overrides(root)
+    if shared:
+        table = f"Runs of `lmd-train {shared}` with:\n\n{table}"
     (root / "report.md").write_text(table + "\n")
     plot(rows, args.metric, front, root / "tradeoff.png")
     print(table)

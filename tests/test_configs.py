@@ -157,3 +157,24 @@ def test_every_recipe_takes_every_policy(recipe: str) -> None:
         cfg = compose_config(overrides=(f"recipe={recipe}", f"compression={option}"))
         assert isinstance(instantiate(cfg.compression), RankPolicy)
         assert isinstance(instantiate(cfg.callback), LMDCompression)
+
+
+@pytest.mark.slow
+def test_wheel_ships_configs_and_recipes(tmp_path: Path) -> None:
+    """A non-editable install finds its configs: the wheel holds them as lmd_lightning.configs/.recipes."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(root)],
+                   check=True, capture_output=True, timeout=600)
+    names = set(zipfile.ZipFile(next(tmp_path.glob("lmd_lightning-*.whl"))).namelist())
+    for path in config_dir().rglob("*.yaml"):
+        assert f"lmd_lightning/configs/{path.relative_to(config_dir()).as_posix()}" in names
+    for path in recipe_dir().glob("*.yaml"):
+        assert f"lmd_lightning/recipes/{path.name}" in names
+    assert "lmd_lightning/models/transformer.py" in names and "lmd_lightning/data/modules.py" in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    scripts = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).read(entry_points).decode()
+    assert all(f"lmd-{cmd} = lmd_lightning.cli:{cmd}" in scripts for cmd in ("train", "finetune", "export", "report"))
