@@ -315,7 +315,8 @@ class LMDCompressionBase:
 
     def _finish(self, trainer: pl.Trainer, report: CompressionReport, why: str) -> None:
         self.compressed_epochs.append(trainer.current_epoch)
-        self.reports.append({**report.to_dict(), "epoch": trainer.current_epoch, "trigger": why})
+        guard = None if self.guard is None else {key: self.guard[key] for key in ("before", "after")}
+        self.reports.append({**report.to_dict(), "epoch": trainer.current_epoch, "trigger": why, "guard": guard})
         self.convergence.reset()  # the next round waits for fine-tuning to re-converge
         where = f"round {self.round}/{self.rounds} at epoch {trainer.current_epoch}"
         self._info(f"LMDCompression: compressed, {where} ({why}).\n{report}")

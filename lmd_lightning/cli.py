@@ -9,6 +9,7 @@ ConfigStore (each recipe file is `# @package _global_` and may override any grou
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -59,27 +60,25 @@ def _hydra_app(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
     return app
 
 
-def _train(cfg: DictConfig) -> None:
-    from lmd_lightning import experiment
+def _task(name: str) -> Callable[[DictConfig], None]:
+    """The Hydra task running `experiment.<name>`; a bad value ends in one line on stderr and exit code 2."""
 
-    experiment.train(cfg)
+    def task(cfg: DictConfig) -> None:
+        from lmd_lightning import experiment
 
+        try:
+            getattr(experiment, name)(cfg)
+        except (experiment.ConfigError, FileNotFoundError, ImportError) as err:
+            print(f"lmd-{name}: error: {err}", file=sys.stderr)
+            sys.exit(2)
 
-def _finetune(cfg: DictConfig) -> None:
-    from lmd_lightning import experiment
-
-    experiment.finetune(cfg)
-
-
-def _export(cfg: DictConfig) -> None:
-    from lmd_lightning import experiment
-
-    experiment.export(cfg)
+    task.__name__ = name  # Hydra names the job after its task function
+    return task
 
 
-train = _hydra_app("train", _train)
-finetune = _hydra_app("finetune", _finetune)
-export = _hydra_app("export", _export)
+train = _hydra_app("train", _task("train"))
+finetune = _hydra_app("finetune", _task("finetune"))
+export = _hydra_app("export", _task("export"))
 
 
 def report(argv: list[str] | None = None) -> None:

@@ -1,36 +1,46 @@
 """What the Hydra commands run: build the objects a config names, train or fine-tune, summarise.
 
 `cli.py` only finds the configs and hands the composed `DictConfig` to `train`, `finetune` or
-`export` here, so tests can call these directly with a config from Hydra's compose API.
+`export` here. Tests call these directly with a config from Hydra's compose API (overriding
+`paths.output_dir`, which otherwise names Hydra's run dir).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Callback
 
 from lmd_lightning.callback import LMDCompression
 from lmd_lightning.checkpoint import load_factored_state
-from lmd_lightning.report import CompressionReport
+from lmd_lightning.compress import restore_factored_
+from lmd_lightning.sweep import RESULTS_FILE
 
-__all__ = ["CONFIG_KEY", "RESULTS_FILE", "RecordConfig", "export", "finetune", "load_model", "train"]
+__all__ = ["CONFIG_KEY", "ConfigError", "RecordConfig", "export", "finetune", "load_model", "train"]
 
-log = logging.getLogger("lmd_lightning")
-CONFIG_KEY = "lmd_config"  # where lmd-train keeps its composed config inside each checkpoint
-RESULTS_FILE = "results.json"  # one per run dir; lmd-report aggregates them
+CONFIG_KEY = "lmd_config"  # where lmd-train keeps its config (interpolations unresolved) in each checkpoint
+
+
+class ConfigError(ValueError):
+    """A config value the run cannot use; the commands print it as one line, without a traceback."""
 
 
 class RecordConfig(Callback):
-    """Writes the run's resolved config into every checkpoint, so the model can be rebuilt from it alone."""
+    """Writes the run's config into every checkpoint, so that the model can be rebuilt from the file alone.
+
+    Interpolations stay unresolved: `${trainer.max_epochs}` in a scheduler follows the fine-tuning
+    run's own trainer, not the training run's.
+    """
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
@@ -41,103 +51,158 @@ class RecordConfig(Callback):
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """lmd-train: dense training, compression at convergence, fine-tuning, one test; returns the results."""
-    return _fit(cfg, model_cfg=cfg.model, data_cfg=cfg.data, state_dict=None)
+    _check_run(cfg)
+    resume = _read_checkpoint(cfg.ckpt_path, "ckpt_path") if cfg.ckpt_path is not None else None
+    if resume is not None:
+        recorded = resume.get(CONFIG_KEY, {}).get("model", {}).get("_target_")
+        if recorded not in (None, cfg.model._target_):
+            raise ConfigError(f"`ckpt_path` holds a {recorded}, but the config builds a {cfg.model._target_}")
+    return _fit(cfg, cfg.model, cfg.data, resume, source=None)
 
 
 def finetune(cfg: DictConfig) -> dict[str, Any]:
     """lmd-finetune: rebuild a (compressed) checkpoint's model and train it further, compressing again if asked."""
-    checkpoint = _read_checkpoint(cfg.ckpt_path)
+    _check_run(cfg)
+    checkpoint = _read_checkpoint(_required(cfg, "ckpt_path"), "ckpt_path")
     model_cfg, data_cfg = _recorded(cfg, checkpoint, "model"), _recorded(cfg, checkpoint, "data")
-    return _fit(cfg, model_cfg=model_cfg, data_cfg=data_cfg, state_dict=checkpoint["state_dict"])
+    return _fit(cfg, model_cfg, data_cfg, None, source=checkpoint["state_dict"])
 
 
 def load_model(cfg: DictConfig) -> tuple[pl.LightningModule, DictConfig, DictConfig | None]:
-    """The checkpoint's model with its factored layers rebuilt, in eval mode; its model and data configs."""
-    checkpoint = _read_checkpoint(cfg.ckpt_path)
+    """The checkpoint's model, factored layers rebuilt, in eval mode; its model config and data config (or None)."""
+    checkpoint = _read_checkpoint(_required(cfg, "ckpt_path"), "ckpt_path")
     model_cfg = _recorded(cfg, checkpoint, "model")
-    model = instantiate(model_cfg, _convert_="all")
+    # Inference needs no optimizer, and its config may interpolate keys only a training run has.
+    unused = {key: None for key in ("optimizer", "scheduler") if key in model_cfg}
+    model = _build("model", model_cfg, **unused)
     load_factored_state(model, checkpoint["state_dict"])
-    data_cfg = cfg.get("data") or OmegaConf.create(checkpoint.get(CONFIG_KEY, {})).get("data")
-    return model.eval(), model_cfg, data_cfg
+    return model.eval(), model_cfg, _recorded(cfg, checkpoint, "data", required=False)
 
 
 def export(cfg: DictConfig) -> Any:
     """lmd-export: write a deployable copy of a checkpoint's model, verified against it on a batch."""
-    from lmd_lightning.export import FORMATS, export_model
+    from lmd_lightning.export import SUFFIXES, check_destination, export_model
 
-    if cfg.format not in FORMATS:
-        raise ValueError(f"`format` must be one of {FORMATS}, got {cfg.format!r}")
+    if cfg.verify_on not in ("data", "example"):
+        raise ConfigError(f"`verify_on` must be 'data' or 'example', got {cfg.verify_on!r}")
+    ckpt_path = _required(cfg, "ckpt_path")
+    if cfg.format not in SUFFIXES:
+        raise ConfigError(f"`format` must be one of {tuple(SUFFIXES)}, got {cfg.format!r}")
+    output = check_destination(cfg.output or Path(ckpt_path).with_suffix(SUFFIXES[cfg.format]), cfg.format, "output")
     model, model_cfg, data_cfg = load_model(cfg)
-    batch = _example_batch(model, data_cfg)
-    suffix = {"torchscript": ".ts.pt", "onnx": ".onnx", "state_dict": ".pt", "exported_program": ".pt2"}[cfg.format]
-    output = Path(cfg.output) if cfg.output else Path(cfg.ckpt_path).with_suffix(suffix)
-    # state_dict is verified by loading it into a fresh model of the same config
-    rebuild = (lambda: instantiate(model_cfg, _convert_="all")) if cfg.format == "state_dict" else None
+    batch = _example_batch(model, data_cfg if cfg.verify_on == "data" else None)
+    # state_dict is verified by loading it into a fresh model built from the same config
+    rebuild = (lambda: _build("model", model_cfg, optimizer=None, scheduler=None)) if cfg.format == "state_dict" else None
     result = export_model(model, output, cfg.format, batch, atol=cfg.atol, rtol=cfg.rtol, rebuild=rebuild)
     print(result)
     return result
 
 
-def _read_checkpoint(path: str | None) -> dict[str, Any]:
-    if not path or not Path(path).is_file():
-        raise FileNotFoundError(f"`ckpt_path` must name a checkpoint file, got {path!r}")
+def _check_run(cfg: DictConfig) -> None:
+    for key, kind in (("seed", int), ("test", bool)):
+        if isinstance(cfg[key], bool) is not (kind is bool) or not isinstance(cfg[key], kind):
+            raise ConfigError(f"`{key}` must be {'true or false' if kind is bool else 'an int'}, got {cfg[key]!r}")
+    strategy = str(cfg.trainer.get("strategy", ""))
+    if strategy.startswith("ddp") and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigError(  # Lightning's DDP launcher re-runs the command line, -m and all, in each process
+            f"`trainer.strategy`={strategy!r} cannot run inside a multirun (-m): run each setting separately"
+        )
+
+
+def _required(cfg: DictConfig, key: str) -> Any:
+    if OmegaConf.is_missing(cfg, key) or cfg[key] is None:
+        raise ConfigError(f"`{key}` is required: e.g. {key}=outputs/train/<date_time>/checkpoints/last.ckpt")
+    return cfg[key]
+
+
+def _read_checkpoint(path: Any, key: str) -> dict[str, Any]:
+    if not isinstance(path, str) or not Path(path).is_file():
+        raise FileNotFoundError(f"`{key}` must name a checkpoint file, got {path!r}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if "state_dict" not in checkpoint:
-        raise ValueError(f"{path} holds no 'state_dict'; is it a Lightning checkpoint? keys: {sorted(checkpoint)}")
+        raise ConfigError(f"`{key}`={path} holds no 'state_dict'; is it a Lightning checkpoint? keys: {sorted(checkpoint)}")
     return checkpoint
 
 
-def _recorded(cfg: DictConfig, checkpoint: dict[str, Any], key: str) -> DictConfig:
-    """`cfg[key]` if given on the command line (+model=…), else what lmd-train recorded in the checkpoint."""
-    if cfg.get(key) is not None:
-        return cfg[key]
+def _recorded(cfg: DictConfig, checkpoint: dict[str, Any], key: str, required: bool = True) -> DictConfig | None:
+    """What lmd-train recorded under `key` in the checkpoint, with the command line's `+key…=…` merged over it.
+
+    The result is set into `cfg`, so its interpolations resolve against this run's config.
+    """
     recorded = checkpoint.get(CONFIG_KEY, {}).get(key)
-    if recorded is None:
-        raise ValueError(
-            f"{cfg.ckpt_path} was not written by lmd-train, so it does not say which {key} it holds: "
-            f"add `+{key}=NAME` (one of the configs/{key}/ files) and its settings, e.g. `+{key}.…=…`"
+    given = cfg.get(key)
+    if recorded is None and (given is None or "_target_" not in given):
+        if not required:
+            return None
+        raise ConfigError(
+            f"`ckpt_path`={cfg.ckpt_path} was not written by lmd-train, so it does not say which {key} it holds: "
+            f"add `+{key}=NAME` (one of the configs/{key}/ options) and its settings, e.g. `+{key}.…=…`"
         )
-    return OmegaConf.create(recorded)
+    with open_dict(cfg):
+        cfg[key] = OmegaConf.merge(recorded or {}, given or {})
+    return cfg[key]
+
+
+def _build(key: str, node: DictConfig, **kwargs: Any) -> Any:
+    """instantiate(node), with our own argument errors raised as ConfigError naming the config key."""
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ if isinstance(err.__cause__, (ValueError, TypeError)) else err
+        raise ConfigError(f"`{key}`: {cause}") from err
 
 
 def _example_batch(model: pl.LightningModule, data_cfg: DictConfig | None) -> torch.Tensor:
-    """The first validation batch of the run's data, or the model's example input when no data is known."""
+    """The first validation batch of the run's data, or the model's `example_input_array` without data."""
     if data_cfg is None:
         if getattr(model, "example_input_array", None) is None:
-            raise ValueError("no data config and no `example_input_array` on the model: give `+data=NAME`")
+            raise ConfigError("no data to verify on and no `example_input_array` on the model: give `+data=NAME`")
         return model.example_input_array
-    datamodule = instantiate(data_cfg)
+    datamodule = _build("data", data_cfg)
     datamodule.prepare_data()
     datamodule.setup("validate")
     return next(iter(datamodule.val_dataloader()))[0]
 
 
 def _fit(
-    cfg: DictConfig, model_cfg: DictConfig, data_cfg: DictConfig, state_dict: dict[str, Any] | None
+    cfg: DictConfig, model_cfg: DictConfig, data_cfg: DictConfig, resume: dict | None, source: dict | None
 ) -> dict[str, Any]:
+    """Train `model_cfg` on `data_cfg`: from `source` weights (lmd-finetune), resuming `resume` (lmd-train)."""
+    compression = _compression(cfg)  # first: a bad policy fails before any data is generated
     pl.seed_everything(cfg.seed, workers=True)
-    compression = instantiate(cfg.callback) if cfg.compression is not None else None  # validates it up front
-    model = instantiate(model_cfg, _convert_="all")
-    if state_dict is not None:
-        load_factored_state(model, state_dict)
-    datamodule = instantiate(data_cfg)
-    loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
-    record = OmegaConf.to_container(cfg, resolve=True) | {"model": OmegaConf.to_container(model_cfg, resolve=True)}
-    record["data"] = OmegaConf.to_container(data_cfg, resolve=True)
-    checkpoint = instantiate(cfg.checkpoint) if cfg.get("checkpoint") else None
-    callbacks = [c for c in (compression, checkpoint) if c is not None] + [RecordConfig(record)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    model = _build("model", model_cfg)
+    if source is not None:
+        load_factored_state(model, source)
+    if resume is not None:
+        restore_factored_(model, resume["state_dict"])  # the structure only: Lightning loads the weights
+    datamodule = _build("data", data_cfg)
+    loggers = [_build("logger", cfg.logger)] if cfg.get("logger") else []
+    checkpoint = _build("checkpoint", cfg.checkpoint) if cfg.get("checkpoint") else None
+    record = RecordConfig(OmegaConf.to_container(cfg, resolve=False))  # model and data as _recorded merged them
+    callbacks = [c for c in (compression, checkpoint) if c is not None] + [record]
+    trainer: pl.Trainer = _build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
     params_before = sum(p.numel() for p in model.parameters())
-    resume = cfg.get("ckpt_path") if state_dict is None else None  # lmd-finetune's ckpt_path is its source
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path if resume is not None else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
     if cfg.test:
         metrics |= {k: float(v) for k, v in trainer.test(model, datamodule=datamodule, verbose=False)[0].items()}
     results = _results(cfg, model, params_before, metrics, compression, checkpoint, loggers)
     if trainer.is_global_zero:
-        _summarise(results, compression)
-        (Path(cfg.paths.output_dir) / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        output = Path(cfg.paths.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        _summarise(results, output / RESULTS_FILE)
     return results
+
+
+def _compression(cfg: DictConfig) -> LMDCompression | None:
+    """The callback, or None for compression=none; policy and trigger are built alone first for clear errors."""
+    if cfg.compression is None:
+        return None
+    _build("compression", cfg.compression)
+    if not isinstance(cfg.trigger, str):
+        _build("trigger", cfg.trigger)
+    return _build("callback", cfg.callback)
 
 
 def _results(
@@ -152,11 +217,12 @@ def _results(
     }
     results["compression_ratio"] = results["params_before"] / max(results["params"], 1)
     if compression is not None:
-        guard = compression.guard or {}
+        guards = [report["guard"] or {} for report in compression.reports] or [{}]
         results |= {
             "policy": _short(compression.policy), "compressed_epochs": compression.compressed_epochs,
             "ranks": compression.ranks, "failure": compression.failure, "monitor": compression.metric,
-            "monitor_before": guard.get("before"), "monitor_after_truncation": guard.get("after"),
+            # before the first round and right after the last: with rounds > 1 these are different models
+            "monitor_before": guards[0].get("before"), "monitor_after_truncation": guards[-1].get("after"),
             "reports": compression.reports,
         }
     return results
@@ -164,26 +230,31 @@ def _results(
 
 def _short(policy: Any) -> str:
     """`EnergyRank(energy=0.9)`: the policy with only the fields that differ from their defaults."""
-    fields = [f for f in dataclasses.fields(policy) if f.default is dataclasses.MISSING or getattr(policy, f.name) != f.default]
+    fields = [
+        f for f in dataclasses.fields(policy) if f.default is dataclasses.MISSING or getattr(policy, f.name) != f.default
+    ]
     return f"{type(policy).__name__}({', '.join(f'{f.name}={getattr(policy, f.name)!r}' for f in fields)})"
 
 
-def _summarise(results: dict[str, Any], compression: LMDCompression | None) -> None:
-    if compression is not None and compression.reports:
-        print(CompressionReport.from_dict(compression.reports[-1]))
-    elif compression is not None:
-        print(f"The model stayed dense: {compression.failure or 'compression never became due'}")
+def _summarise(results: dict[str, Any], path: Path) -> None:
+    """The dense-vs-compressed table (the CompressionReport itself was logged by the callback)."""
     metric = results.get("monitor") or "val_acc"
-    rows = [("before", results["params_before"], results.get("monitor_before"), None)]
+    test = metric.replace("val_", "test_")
+    rows = [("before" if results["task"] == "train" else "checkpoint", results["params_before"],
+             results.get("monitor_before"), None)]
     if results.get("monitor_after_truncation") is not None:
         rows.append(("truncated, no fine-tune", results["params"], results["monitor_after_truncation"], None))
-    rows.append(("final", results["params"], results.get(metric), results.get(metric.replace("val_", "test_"))))
-    print(f"\n{'model':<26}{'params':>12}{metric:>12}{metric.replace('val_', 'test_'):>12}")
-    for name, params, val, test in rows:
-        cells = "".join(f"{'—':>12}" if v is None else f"{v:>12.4f}" for v in (val, test))
+    rows.append(("final", results["params"], results.get(metric), results.get(test)))
+    print(f"\n{'model':<26}{'params':>12}{metric:>12}{test:>12}")
+    for name, params, val, test_value in rows:
+        cells = "".join(f"{'—':>12}" if v is None else f"{v:>12.4f}" for v in (val, test_value))
         print(f"{name:<26}{params:>12,}{cells}")
-    print(f"\n{results['compression_ratio']:.2f}× fewer parameters.")
+    ratio = results["compression_ratio"]
+    print(f"\n{ratio:.2f}× fewer parameters." if ratio > 1.0 else "\nThe parameter count did not change.")
+    if results.get("failure"):
+        print(f"Compression was abandoned: {results['failure']}")
     if results["log_dir"]:
         print(f"TensorBoard: tensorboard --logdir {results['log_dir']}")
     if results["checkpoint"]:
         print(f"Checkpoint:  {results['checkpoint']}")
+    print(f"Results:     {path}")

@@ -2,8 +2,8 @@
 
 - "exported_program": torch.export → `.pt2`, the format to prefer on current torch.
 - "torchscript": torch.jit.trace → `.pt`; deprecated in torch (2.13 warns), still supported.
-- "onnx": torch.onnx's torch.export-based exporter; needs onnx and onnxscript, and
-  onnxruntime to compare outputs.
+- "onnx": torch.onnx's torch.export-based exporter; needs onnx, onnxscript and onnxruntime
+  (which runs the file to compare its outputs).
 - "state_dict": torch.save of weights and metadata, for `torch.load(weights_only=True)`,
   `restore_factored_(fresh_model, sd)` and `load_state_dict(sd)`.
 
@@ -36,9 +36,10 @@ import lmd_lightning
 from lmd_lightning.compress import restore_factored_
 from lmd_lightning.factored import FactoredModule
 
-__all__ = ["FORMATS", "STATE_DICT_FORMAT", "ExportResult", "export_model"]
+__all__ = ["FORMATS", "STATE_DICT_FORMAT", "SUFFIXES", "ExportResult", "check_destination", "export_model"]
 
 FORMATS = ("torchscript", "onnx", "state_dict", "exported_program")
+SUFFIXES = {"torchscript": ".ts.pt", "onnx": ".onnx", "state_dict": ".pt", "exported_program": ".pt2"}
 STATE_DICT_FORMAT = "lmd_lightning.state_dict"  # the "format" tag inside a state_dict export
 _ONNX_INSTALL = 'pip install onnx onnxscript onnxruntime (or pip install "lmd-lightning[export]")'
 _ONNX_FLOATS = frozenset({1, 10, 11, 16})  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
@@ -131,16 +132,23 @@ def _validate(
             raise ValueError(f"`{name}` must be a float >= 0, got {value!r}")
     if rebuild is not None and (format != "state_dict" or not callable(rebuild)):
         raise ValueError(f"`rebuild` must be None or, with format='state_dict' only, a callable; got {rebuild!r}")
+    return check_destination(path, format)
+
+
+def check_destination(path: str | Path, format: str, arg: str = "path") -> Path:
+    """`path` as a Path, if `format` can be written there and its packages are installed; `arg` names it in errors."""
+    if format not in FORMATS:
+        raise ValueError(f"`format` must be one of {FORMATS}, got {format!r}")
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")
+        raise TypeError(f"`{arg}` must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
     if path.is_dir() or not path.parent.is_dir():
-        raise ValueError(f"`path` must name a file in an existing directory, got {str(path)!r}")
+        raise ValueError(f"`{arg}` must name a file in an existing directory, got {str(path)!r}")
     if format == "exported_program" and path.suffix != ".pt2":
         # torch.export.load warns on any other suffix today, and says it will refuse it.
-        raise ValueError(f"`path` must end in .pt2 for format='exported_program', got {str(path)!r}")
-    if format == "onnx":
-        missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+        raise ValueError(f"`{arg}` must end in .pt2 for format='exported_program', got {str(path)!r}")
+    if format == "onnx":  # onnxruntime too: an export is only kept once its outputs have been compared
+        missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
         if missing:
             raise ImportError(f"format='onnx' needs {' and '.join(missing)}: {_ONNX_INSTALL}")
     return path
@@ -283,9 +291,6 @@ def _write_onnx(model: nn.Module, file: Path, x: Tensor) -> _Check:
     batch = graph.input[0].type.tensor_type.shape.dim
     notes = [_batch_note(len(batch) > 0 and batch[0].HasField("dim_param"), x), "onnx.checker passed"]
     params = sum(math.prod(shape) for shape in shapes)
-    if importlib.util.find_spec("onnxruntime") is None:
-        notes.append("onnxruntime not installed: outputs NOT compared")
-        return _Check(None, params, notes)
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])

@@ -15,16 +15,17 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from lmd_lightning.experiment import RESULTS_FILE
+__all__ = ["RESULTS_FILE", "collect", "main", "markdown", "pareto_front", "plot"]
 
-__all__ = ["collect", "main", "markdown", "pareto_front", "plot"]
+RESULTS_FILE = "results.json"  # one per lmd-train run dir (kept light: lmd-report imports no torch)
 
 
-def collect(root: str | Path) -> list[dict[str, Any]]:
-    """Each run's results under `root`, sorted by parameters; `run` names what sets it apart from the others.
+def collect(root: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each run's results under `root`, sorted by parameters, and the overrides all runs share.
 
-    `run` is the run's command-line overrides minus those every run shares (in a multirun: the
-    swept values), or its folder when it has no overrides.
+    Each row's `run` names what sets it apart from the others:
+
+    its command-line overrides minus the shared ones (in a multirun: the swept values), or its folder.
     """
     root = Path(root)
     if not root.is_dir():
@@ -40,7 +41,7 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
     shared = set.intersection(*(set(o) for o in overrides)) if len(rows) > 1 else set()
     for row, own in zip(rows, overrides):
         row["run"] = " ".join(o for o in own if o not in shared) or row["folder"]
-    return sorted(rows, key=lambda row: row["params"])
+    return sorted(rows, key=lambda row: row["params"]), [o for o in overrides[0] if o in shared]
 
 
 def pareto_front(rows: list[dict[str, Any]], metric: str, mode: str = "max") -> list[bool]:
@@ -81,7 +82,7 @@ def plot(rows: list[dict[str, Any]], metric: str, front: list[bool], path: str |
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()
     params = [r["params"] for r in rows]
-    truncated = [(r["params"], r["monitor_after_truncation"]) for r in rows if r.get("monitor_after_truncation")]
+    truncated = [(r["params"], r["monitor_after_truncation"]) for r in rows if r.get("monitor_after_truncation") is not None]
     if truncated:
         ax.plot(*zip(*truncated), "o", mfc="none", color="tab:blue", alpha=0.6, label="truncated, before fine-tuning")
     ax.plot(params, [r.get(metric) for r in rows], "o", color="tab:blue", label="after fine-tuning")
@@ -90,26 +91,19 @@ def plot(rows: list[dict[str, Any]], metric: str, front: list[bool], path: str |
     dense = {(r["params_before"], r["monitor_before"]) for r in rows if r.get("monitor_before") is not None}
     if dense:
         ax.plot(*zip(*sorted(dense)), "s", color="gray", label="dense, before truncation")
-    for row in rows:
-        ax.annotate(row["run"], (row["params"], row.get(metric) or 0.0), fontsize=7, alpha=0.8,
-                    xytext=(4, 4), textcoords="offset points")
+    for row in (r for r in rows if r.get(metric) is not None):
+        ax.annotate(row["run"], (row["params"], row[metric]), fontsize=7, alpha=0.8, xytext=(4, 4),
+                    textcoords="offset points")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.tick_params(axis="x", which="both", labelsize=7)
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel("parameters")
     ax.set_ylabel(metric)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def _shared_overrides(root: Path) -> str:
-    listed = root / "multirun.yaml"
-    if not listed.is_file():
-        return ""
-    task = OmegaConf.load(listed).hydra.overrides.task
-    return " ".join(o for o in task if "," not in o.partition("=")[2])
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -118,15 +112,18 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--metric", default="val_acc", help="validation metric for the Pareto front (default val_acc)")
     parser.add_argument("--mode", choices=("max", "min"), default="max", help="max if higher is better")
     args = parser.parse_args(argv)
-    rows = collect(args.dir)
+    try:
+        rows, shared = collect(args.dir)
+    except FileNotFoundError as err:
+        parser.error(str(err))
     if not any(args.metric in row for row in rows):
-        raise SystemExit(f"lmd-report: `--metric` {args.metric!r} is in no run; they have: {sorted(rows[0])}")
+        numeric = sorted({k for row in rows for k, v in row.items() if isinstance(v, float)})
+        parser.error(f"`--metric` {args.metric!r} is in no run; the runs have: {numeric}")
     front = pareto_front(rows, args.metric, args.mode)
     table = markdown(rows, args.metric, front)
-    root = Path(args.dir)
-    shared = _shared_overrides(root)
     if shared:
-        table = f"Runs of `lmd-train {shared}` with:\n\n{table}"
+        table = f"Runs of `lmd-train {' '.join(shared)}` with:\n\n{table}"
+    root = Path(args.dir)
     (root / "report.md").write_text(table + "\n")
     plot(rows, args.metric, front, root / "tradeoff.png")
     print(table)

@@ -17,7 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_configs import compose_config
 
 from lmd_lightning.cli import recipe_dir
-from lmd_lightning.experiment import CONFIG_KEY, RESULTS_FILE, export, finetune, load_model, train
+from lmd_lightning.experiment import CONFIG_KEY, ConfigError, export, finetune, load_model, train
+from lmd_lightning.sweep import RESULTS_FILE
 
 BIN = Path(sys.executable).parent
 TINY = (  # two epochs of a few batches, compression forced at epoch 1
@@ -28,7 +29,7 @@ TINY = (  # two epochs of a few batches, compression forced at epoch 1
 OFFLINE = {  # recipes whose data needs a download: the same models on synthetic data of the same shape
     "mnist_lenet300": ("data=synthetic", "data.input_shape=[1,28,28]", "data.n=300"),
     "cifar10_resnet": ("data=synthetic", "data.input_shape=[3,32,32]", "data.n=120", "data.batch_size=16",
-                       "model.width=8"),
+                       "model.width=8", "trainer=cpu"),
 }
 
 
@@ -64,7 +65,20 @@ def test_every_recipe_trains_compresses_and_logs(recipe: str, tmp_path: Path) ->
 def test_dense_baseline_and_csv_logger(tmp_path: Path) -> None:
     results = run_train(tmp_path, "data=synthetic", "compression=none", "logger=csv")
     assert results["params"] == results["params_before"] and "ranks" not in results
-    assert (Path(results["log_dir"]) / "metrics.csv").is_file()
+    header = (Path(results["log_dir"]) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val_acc", "val_loss", "epoch"} <= set(header)
+
+
+def test_grad_norm_trigger_through_lmd_train(tmp_path: Path) -> None:
+    """The default trigger, with a monitor quick enough for a smoke run: it fires before the forced epoch."""
+    tiny = [o for o in TINY if o != "trigger=epoch"]
+    cfg = compose_config(overrides=(
+        *tiny, "data=synthetic", "logger=none", "trigger.min_steps=4", "trigger.window=2", "trigger.patience=1",
+        "trigger.plateau_tol=0.9", "callback.every_n_steps=1", "trainer.max_epochs=4", "callback.max_epochs=3",
+    ), output_dir=tmp_path)
+    assert cfg.trigger._target_ == "lmd_lightning.ConvergenceMonitor"
+    results = train(cfg)
+    assert results["compressed_epochs"][0] < 3 and "‖∇L‖ EMA" in results["reports"][0]["trigger"]
 
 
 def test_finetune_a_checkpoint_and_compress_it_further(tmp_path: Path) -> None:
@@ -74,26 +88,44 @@ def test_finetune_a_checkpoint_and_compress_it_further(tmp_path: Path) -> None:
     cfg = compose_config(
         "finetune", (f"ckpt_path={first['checkpoint']}", "compression=fixed", "compression.rank=8", "logger=none",
                      "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
-                     "test=false", "trainer.enable_progress_bar=false"),
+                     "test=false", "trainer.enable_progress_bar=false", "+model.optimizer.lr=0.0001"),
         output_dir=tmp_path / "finetune",
     )
     second = finetune(cfg)
     assert second["params_before"] == first["params"]  # it started from the compressed model
     assert set(second["ranks"].values()) == {8} and second["params"] < first["params"]
+    recorded = torch.load(second["checkpoint"], weights_only=True)[CONFIG_KEY]["model"]
+    assert recorded["optimizer"]["lr"] == 0.0001 and recorded["widths"] == [512, 512, 512]  # merged, not replaced
     plain = compose_config("finetune", (f"ckpt_path={second['checkpoint']}", "logger=none", "trainer.max_epochs=1",
                                         "+trainer.limit_train_batches=2", "test=false"), output_dir=tmp_path / "again")
     third = finetune(plain)
     assert third["params"] == third["params_before"] == second["params"] and "ranks" not in third
 
 
+@pytest.mark.parametrize("compression", ["fixed", "none"])
+def test_resume_a_compressed_run(compression: str, tmp_path: Path) -> None:
+    """lmd-train ckpt_path=… picks a compressed run up where it stopped, with or without the callback."""
+    first = run_train(tmp_path / "a", "data=synthetic", "logger=none", "compression=fixed", "compression.rank=8")
+    resumed = run_train(tmp_path / "b", "data=synthetic", "logger=none", f"compression={compression}",
+                        "compression.rank=8" if compression == "fixed" else "test=true",
+                        f"ckpt_path={first['checkpoint']}", "trainer.max_epochs=3")
+    assert resumed["params"] == first["params"]  # the factored structure came back before the weights
+    state = torch.load(resumed["checkpoint"], weights_only=True)
+    assert state["epoch"] == 2 and state["state_dict"]["net.fc1.U"].shape[1] == 8
+    cnn = compose_config(overrides=(*TINY, "data=synthetic", "model=cnn1d", f"ckpt_path={first['checkpoint']}"),
+                         output_dir=tmp_path / "c")
+    with pytest.raises(ConfigError, match="`ckpt_path` holds a lmd_lightning.models.MLPClassifier, but the config"):
+        train(cnn)
+
+
 def test_finetune_needs_a_model_for_foreign_checkpoints(tmp_path: Path) -> None:
     path = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}}, path)
     cfg = compose_config("finetune", (f"ckpt_path={path}",), output_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"not written by lmd-train.*\+model=NAME"):
+    with pytest.raises(ConfigError, match=r"not written by lmd-train.*\+model=NAME"):
         finetune(cfg)
     missing = compose_config("finetune", (f"ckpt_path={tmp_path / 'nope.ckpt'}",), output_dir=tmp_path)
-    with pytest.raises(FileNotFoundError, match="`ckpt_path`"):
+    with pytest.raises(FileNotFoundError, match="`ckpt_path` must name a checkpoint file"):
         finetune(missing)
 
 
@@ -115,9 +147,15 @@ def test_console_script_errors_are_clear(tmp_path: Path) -> None:
     unknown = command("lmd-train", "recipe=nope", cwd=tmp_path)
     assert unknown.returncode != 0 and "recipe" in unknown.stderr and "mnist1d_mlp" in unknown.stderr
     negative = command("lmd-train", "compression.energy=-0.5", "data=synthetic", cwd=tmp_path)
-    assert negative.returncode != 0 and "`energy` must be a float in (0, 1), got -0.5" in negative.stderr
+    assert negative.returncode == 2 and negative.stderr.strip().splitlines()[-1] == (
+        "lmd-train: error: `compression`: `energy` must be a float in (0, 1), got -0.5"
+    )
     no_ckpt = command("lmd-finetune", cwd=tmp_path)
-    assert no_ckpt.returncode != 0 and "ckpt_path" in no_ckpt.stderr
+    assert no_ckpt.returncode == 2 and no_ckpt.stderr.strip().endswith(
+        "lmd-finetune: error: `ckpt_path` is required: e.g. ckpt_path=outputs/train/<date_time>/checkpoints/last.ckpt"
+    )
+    ddp_sweep = command("lmd-train", "-m", "trainer=ddp", "seed=0,1", "data=synthetic", cwd=tmp_path)
+    assert ddp_sweep.returncode == 2 and "`trainer.strategy`='ddp' cannot run inside a multirun" in ddp_sweep.stderr
 
 
 @pytest.mark.slow
@@ -174,5 +212,16 @@ def test_export_command_and_bad_format(trained_checkpoint: str, tmp_path: Path) 
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "m.pt2").is_file() and "verified" in done.stdout
     cfg = compose_config("export", (f"ckpt_path={trained_checkpoint}", "format=tflite"), output_dir=tmp_path)
-    with pytest.raises(ValueError, match="`format` must be one of .*'torchscript'.*got 'tflite'"):
+    with pytest.raises(ConfigError, match="`format` must be one of .*'torchscript'.*got 'tflite'"):
         export(cfg)
+    wrong = compose_config("export", (f"ckpt_path={trained_checkpoint}", "format=exported_program",
+                                      f"output={tmp_path / 'm.pt'}"), output_dir=tmp_path)
+    with pytest.raises(ValueError, match="`output` must end in .pt2"):
+        export(wrong)
+
+
+def test_export_verifies_on_the_example_input(trained_checkpoint: str, tmp_path: Path) -> None:
+    cfg = compose_config("export", (f"ckpt_path={trained_checkpoint}", "format=state_dict", "verify_on=example",
+                                    f"output={tmp_path / 'm.pt'}"), output_dir=tmp_path)
+    result = export(cfg)
+    assert result.verified and result.max_abs_diff == 0.0

@@ -33,7 +33,7 @@ def options(group: str) -> list[str]:
 def test_config_tree_ships_with_the_package() -> None:
     assert set(GROUPS) <= {path.name for path in config_dir().iterdir() if path.is_dir()}
     assert {"train.yaml", "finetune.yaml", "export.yaml"} <= {path.name for path in config_dir().glob("*.yaml")}
-    assert options("model") == ["cnn1d", "mlp", "resnet18", "transformer"]
+    assert options("model") == ["cnn1d", "lenet300", "mlp", "resnet18", "transformer"]
     assert options("data") == ["cifar10", "mnist", "mnist1d", "synthetic"]
     assert options("compression") == ["budget", "energy", "error_bound", "fixed", "none"]
     assert options("trigger") == ["epoch", "grad_norm"]
@@ -109,9 +109,10 @@ def test_trainer_configs(option: str) -> None:
     assert get_class(cfg.trainer._target_) is pl.Trainer
     if option == "cpu":
         trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
-        assert trainer.max_epochs == 30 and trainer.num_devices == 1
-    elif option == "ddp":
-        assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2
+        assert trainer.max_epochs == cfg.trainer.max_epochs == 40 and trainer.num_devices == 1  # the recipe's 40
+    elif option == "ddp":  # building it launches nothing: the processes start at fit
+        trainer = instantiate(cfg.trainer, accelerator="cpu", logger=False, enable_checkpointing=False)
+        assert type(trainer.strategy).__name__ == "DDPStrategy" and trainer.num_devices == 2
     else:  # building a GPU Trainer needs a GPU; the config still has to name a real precision
         assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
 
@@ -133,7 +134,8 @@ def test_recipes_compose_and_override_groups() -> None:
     lenet = compose_config(overrides=("recipe=mnist_lenet300",))
     assert lenet.model.in_features == 784 and list(lenet.model.widths) == [300, 100] and lenet.data.name == "mnist"
     resnet = compose_config(overrides=("recipe=cifar10_resnet",))
-    assert resnet.data.name == "cifar10" and resnet.model.scheduler.T_max == resnet.trainer.max_epochs
+    assert resnet.data.name == "cifar10" and resnet.model.scheduler.T_max == resnet.trainer.max_epochs == 100
+    assert resnet.trainer.accelerator == "gpu"
     # The command line wins over the recipe, for values and for groups.
     mixed = compose_config(overrides=("recipe=mnist1d_cnn", "model=mlp", "compression.params=0.1"))
     assert mixed.model._target_.endswith("MLPClassifier") and mixed.compression.params == 0.1
@@ -151,12 +153,15 @@ def test_bad_policy_value_names_the_argument() -> None:
 
 
 @pytest.mark.parametrize("recipe", sorted(path.stem for path in recipe_dir().glob("*.yaml")))
-def test_every_recipe_takes_every_policy(recipe: str) -> None:
-    """Recipes choose the compression group but leave its values alone, so `compression=…` always works."""
+def test_every_recipe_takes_every_policy_and_model(recipe: str) -> None:
+    """Recipes choose groups but leave their values alone, so `compression=…` or `model=…` always works."""
     for option in [o for o in options("compression") if o != "none"]:
         cfg = compose_config(overrides=(f"recipe={recipe}", f"compression={option}"))
         assert isinstance(instantiate(cfg.compression), RankPolicy)
         assert isinstance(instantiate(cfg.callback), LMDCompression)
+    for option in options("model"):
+        cfg = compose_config(overrides=(f"recipe={recipe}", f"model={option}"))
+        assert type(instantiate(cfg.model, _convert_="all")).__name__ == cfg.model._target_.rsplit(".", 1)[1]
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lmd_lightning import FactoredLinear, FixedRank, compress_, restore_factored_
-from lmd_lightning.export import FORMATS, STATE_DICT_FORMAT, export_model
+from lmd_lightning.export import FORMATS, STATE_DICT_FORMAT, check_destination, export_model
 
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "state_dict": ".ckpt", "exported_program": ".pt2"}
 
@@ -258,22 +258,21 @@ def test_submodule_modes_are_given_back(tmp_path: Path) -> None:
     assert model.training and not model[2].training
 
 
-def test_onnx_without_onnxruntime_is_not_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    needs("onnx")
-    model, x, _ = compressed("mlp")
+@pytest.mark.parametrize("package", ["onnx", "onnxruntime"])
+def test_onnx_needs_its_runtime_to_verify(package: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
-    result = export_model(model, tmp_path / "m.onnx", "onnx", x)
-    assert not result.verified and result.max_abs_diff is None
-    assert "onnxruntime not installed" in result.note and "onnx.checker passed" in result.note
-    assert "NOT verified" in str(result) and (tmp_path / "m.onnx").is_file()
-
-
-def test_onnx_missing_raises_import_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
-    with pytest.raises(ImportError, match="pip install onnx onnxscript onnxruntime"):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    with pytest.raises(ImportError, match=f"needs {package}: pip install onnx onnxscript onnxruntime"):
         export_model(tiny_mlp(), tmp_path / "m.onnx", "onnx", torch.randn(2, 16))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_destination_is_checked_under_the_callers_name(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="`output` must end in .pt2 for format='exported_program'"):
+        check_destination(tmp_path / "m.pt", "exported_program", arg="output")
+    with pytest.raises(ValueError, match="`output` must name a file in an existing directory"):
+        check_destination(tmp_path / "no" / "m.pt", "state_dict", arg="output")
+    assert check_destination(str(tmp_path / "m.pt"), "state_dict") == tmp_path / "m.pt"
 
 
 def test_str_is_one_line(tmp_path: Path) -> None:

@@ -31,21 +31,25 @@ def write_run(folder: Path, overrides: list[str], params: int, acc: float) -> No
 def test_collect_labels_runs_by_what_differs(tmp_path: Path) -> None:
     write_run(tmp_path / "0", ["compression.energy=0.9", "data=synthetic"], 300, 0.8)
     write_run(tmp_path / "1", ["compression.energy=0.5", "data=synthetic"], 100, 0.7)
-    rows = collect(tmp_path)
+    rows, shared = collect(tmp_path)
     assert [(r["run"], r["params"]) for r in rows] == [("compression.energy=0.5", 100), ("compression.energy=0.9", 300)]
+    assert shared == ["data=synthetic"]
     table = markdown(rows, "val_acc", pareto_front(rows, "val_acc"))
     assert table.splitlines()[2].startswith("| compression.energy=0.5 | EnergyRank(energy=0.5) | 100 | 10.00× | 0.8000")
     assert table.count("✓") == 2
     main([str(tmp_path)])
-    assert (tmp_path / "report.md").read_text().startswith("| run |")
+    assert (tmp_path / "report.md").read_text().startswith("Runs of `lmd-train data=synthetic` with:")
     assert (tmp_path / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_errors_name_what_is_wrong(tmp_path: Path) -> None:
+def test_errors_name_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(FileNotFoundError, match="`DIR` must be a folder"):
         collect(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="no results.json under"):
         collect(tmp_path)
     write_run(tmp_path / "0", [], 100, 0.7)
-    with pytest.raises(SystemExit, match="`--metric` 'test_f1' is in no run"):
+    with pytest.raises(SystemExit):
         main([str(tmp_path), "--metric", "test_f1"])
+    assert "`--metric` 'test_f1' is in no run; the runs have: ['compression_ratio', 'monitor_before', 'val_acc']" in (
+        capsys.readouterr().err
+    )
