@@ -3,7 +3,8 @@
 Every job of the multirun wrote `results.json` into its run dir; this reads them, labels each by
 its command-line overrides, marks the Pareto front (fewest parameters for the validation
 metric: selection happens on validation data, the test column is reported, not chosen on) and
-writes `report.md` and `tradeoff.png` into DIR.
+writes `report.md` and `tradeoff.png` into DIR. Runs that differ only in `seed=` are averaged:
+each cell is then mean ± standard deviation over the seeds, and the front is drawn on the means.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-__all__ = ["RESULTS_FILE", "collect", "main", "markdown", "pareto_front", "plot"]
+__all__ = ["RESULTS_FILE", "collect", "main", "markdown", "over_seeds", "pareto_front", "plot"]
 
 RESULTS_FILE = "results.json"  # one per lmd-train run dir (kept light: lmd-report imports no torch)
 
@@ -55,21 +56,43 @@ def pareto_front(rows: list[dict[str, Any]], metric: str, mode: str = "max") -> 
     return [metric in row and not any(metric in o and dominates(o, row) for o in rows) for row in rows]
 
 
-def _cell(value: Any) -> str:
+def over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows that differ only in their `seed=` override merged: numbers averaged, `<key>_std` and `seeds` added."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        label = " ".join(o for o in row["run"].split() if not o.startswith("seed=")) or row["run"]
+        groups.setdefault(label, []).append(row)
+    merged = []
+    for label, group in groups.items():
+        row = {**group[0], "run": label, "seeds": len(group)}
+        for key in {k for r in group for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}:
+            values = [r[key] for r in group if r.get(key) is not None]
+            mean = sum(values) / len(values)
+            row[key] = round(mean) if key in ("params", "params_before") else mean
+            if len(values) > 1 and isinstance(mean, float):
+                row[f"{key}_std"] = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+        merged.append(row)
+    return sorted(merged, key=lambda row: row["params"])
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
     if value is None:
         return "—"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.4f} ± {row[key + '_std']:.4f}" if f"{key}_std" in row else f"{value:.4f}"
 
 
 def markdown(rows: list[dict[str, Any]], metric: str, front: list[bool]) -> str:
     test = metric.replace("val_", "test_")
-    header = ["run", "policy", "params", "ratio", f"{metric} dense", f"{metric} truncated", metric, test, "Pareto"]
+    header = ["run", "seeds", "params", "ratio", f"{metric} dense", f"{metric} truncated", metric, test, "Pareto"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, on_front in zip(rows, front):
         cells = [
-            row["run"], row.get("policy", "dense"), f"{row['params']:,}", f"{row['compression_ratio']:.2f}×",
-            _cell(row.get("monitor_before")), _cell(row.get("monitor_after_truncation")), _cell(row.get(metric)),
-            _cell(row.get(test)), "✓" if on_front else "",
+            row["run"], str(row.get("seeds", 1)), f"{row['params']:,}", f"{row['compression_ratio']:.2f}×",
+            _cell(row, "monitor_before"), _cell(row, "monitor_after_truncation"), _cell(row, metric), _cell(row, test),
+            "✓" if on_front else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -77,7 +100,7 @@ def markdown(rows: list[dict[str, Any]], metric: str, front: list[bool]) -> str:
 
 def plot(rows: list[dict[str, Any]], metric: str, front: list[bool], path: str | Path) -> None:
     from matplotlib.figure import Figure
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter
 
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()
@@ -85,7 +108,8 @@ def plot(rows: list[dict[str, Any]], metric: str, front: list[bool], path: str |
     truncated = [(r["params"], r["monitor_after_truncation"]) for r in rows if r.get("monitor_after_truncation") is not None]
     if truncated:
         ax.plot(*zip(*truncated), "o", mfc="none", color="tab:blue", alpha=0.6, label="truncated, before fine-tuning")
-    ax.plot(params, [r.get(metric) for r in rows], "o", color="tab:blue", label="after fine-tuning")
+    ax.errorbar(params, [r.get(metric) for r in rows], yerr=[r.get(f"{metric}_std", 0.0) for r in rows], fmt="o",
+                color="tab:blue", capsize=3, label="after fine-tuning (± std over seeds)")
     best = [r for r, on in zip(rows, front) if on]
     ax.plot([r["params"] for r in best], [r[metric] for r in best], "-", color="tab:red", label="Pareto front")
     dense = {(r["params_before"], r["monitor_before"]) for r in rows if r.get("monitor_before") is not None}
@@ -95,8 +119,8 @@ def plot(rows: list[dict[str, Any]], metric: str, front: list[bool], path: str |
         ax.annotate(row["run"], (row["params"], row[metric]), fontsize=7, alpha=0.8, xytext=(4, 4),
                     textcoords="offset points")
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(ScalarFormatter())
+    ax.xaxis.set_major_formatter(FuncFormatter(_count))
+    ax.xaxis.set_minor_formatter(FuncFormatter(_count))
     ax.tick_params(axis="x", which="both", labelsize=7)
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel("parameters")
@@ -104,6 +128,17 @@ def plot(rows: list[dict[str, Any]], metric: str, front: list[bool], path: str |
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _count(value: float, _: Any = None) -> str:
+    """Tick labels 1, 2 and 5 per decade as 20k, 500k, 1M; the other ticks unlabelled."""
+    digits = f"{value:.0e}"
+    if digits[0] not in "125":
+        return ""
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:g}{unit}"
+    return f"{value:g}"
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -116,6 +151,7 @@ def main(argv: list[str] | None = None) -> str:
         rows, shared = collect(args.dir)
     except FileNotFoundError as err:
         parser.error(str(err))
+    rows = over_seeds(rows)
     if not any(args.metric in row for row in rows):
         numeric = sorted({k for row in rows for k, v in row.items() if isinstance(v, float)})
         parser.error(f"`--metric` {args.metric!r} is in no run; the runs have: {numeric}")

@@ -46,7 +46,7 @@ def test_config_tree_ships_with_the_package() -> None:
 def test_default_composition() -> None:
     cfg = compose_config()
     assert cfg.model._target_.endswith("MLPClassifier") and cfg.data._target_.endswith("MNIST1DDataModule")
-    assert cfg.compression._target_ == "lmd_lightning.EnergyRank" and cfg.compression.energy == 0.9
+    assert cfg.compression._target_ == "lmd_lightning.EnergyRank" and cfg.compression.energy == 0.7
     assert cfg.trigger._target_ == "lmd_lightning.ConvergenceMonitor" and cfg.trainer.accelerator == "cpu"
     assert cfg.model.optimizer._partial_ is True
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lmd_lightning.sweep import collect, main, markdown, pareto_front
+from lmd_lightning.sweep import collect, main, markdown, over_seeds, pareto_front
 
 
 def run(params: int, acc: float | None) -> dict:
@@ -35,11 +35,23 @@ def test_collect_labels_runs_by_what_differs(tmp_path: Path) -> None:
     assert [(r["run"], r["params"]) for r in rows] == [("compression.energy=0.5", 100), ("compression.energy=0.9", 300)]
     assert shared == ["data=synthetic"]
     table = markdown(rows, "val_acc", pareto_front(rows, "val_acc"))
-    assert table.splitlines()[2].startswith("| compression.energy=0.5 | EnergyRank(energy=0.5) | 100 | 10.00× | 0.8000")
+    assert table.splitlines()[2].startswith("| compression.energy=0.5 | 1 | 100 | 10.00× | 0.8000")
     assert table.count("✓") == 2
     main([str(tmp_path)])
     assert (tmp_path / "report.md").read_text().startswith("Runs of `lmd-train data=synthetic` with:")
     assert (tmp_path / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_seeds_are_averaged_with_their_spread(tmp_path: Path) -> None:
+    write_run(tmp_path / "0", ["compression.energy=0.5", "seed=0"], 100, 0.70)
+    write_run(tmp_path / "1", ["compression.energy=0.5", "seed=1"], 102, 0.74)
+    write_run(tmp_path / "2", ["compression.energy=0.9", "seed=0"], 300, 0.80)
+    rows = over_seeds(collect(tmp_path)[0])
+    assert [(r["run"], r["seeds"], r["params"]) for r in rows] == [("compression.energy=0.5", 2, 101),
+                                                                    ("compression.energy=0.9", 1, 300)]
+    assert rows[0]["val_acc"] == pytest.approx(0.72) and rows[0]["val_acc_std"] == pytest.approx(0.02 * 2**0.5)
+    assert "val_acc_std" not in rows[1]
+    assert "| 0.7200 ± 0.0283 |" in markdown(rows, "val_acc", pareto_front(rows, "val_acc"))
 
 
 def test_errors_name_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
