@@ -62,7 +62,7 @@ class ExportResult:
         status = "verified" if self.verified else "NOT verified"
         return (
             f"{self.format} → {self.path}: {status} ({diff}), {self.params:,} params, "
-            f"{self.factored_layers} factored layers; {self.note}"
+            f"{self.factored_layers} factored layer{'' if self.factored_layers == 1 else 's'}; {self.note}"
         )
 
 

@@ -225,3 +225,16 @@ def test_export_verifies_on_the_example_input(trained_checkpoint: str, tmp_path:
                                     f"output={tmp_path / 'm.pt'}"), output_dir=tmp_path)
     result = export(cfg)
     assert result.verified and result.max_abs_diff == 0.0
+
+
+@pytest.mark.ddp
+def test_ddp_run_through_the_command(tmp_path: Path) -> None:
+    """trainer=ddp: Lightning re-launches lmd-train for rank 1 into the same run dir; rank 0 writes the results."""
+    done = command("lmd-train", "trainer=ddp", "trainer.accelerator=cpu", "data=synthetic", "logger=none", *TINY,
+                   "hydra.run.dir=run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.suffix == ".log") == [
+        "train.log", "train_ddp_process_1.log"
+    ]
+    results = [json.loads(p.read_text()) for p in tmp_path.rglob(RESULTS_FILE)]
+    assert len(results) == 1 and results[0]["compressed_epochs"] == [1] and results[0]["params"] < 551_434
