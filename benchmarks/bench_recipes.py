@@ -54,15 +54,11 @@ def table(out: Path) -> str:
     ]
     for folder in STUDIES:
         rows, _ = collect(out / folder)
-        epochs = {}
-        for row in rows:
-            label = " ".join(o for o in row["run"].split() if not o.startswith("seed="))
-            epochs.setdefault(label, []).extend(row.get("compressed_epochs") or [])
         for row in over_seeds(rows):
             lines.append(
                 f"| {folder} | {row['run']} | {row['seeds']} | {row['params']:,} | {row['compression_ratio']:.2f}× "
                 f"| {_pct(row, 'monitor_before')} | {_pct(row, 'monitor_after_truncation')} "
-                f"| {_pct(row, 'val_acc')} | {_pct(row, 'test_acc')} | {epochs.get(row['run']) or '—'} |"
+                f"| {_pct(row, 'val_acc')} | {_pct(row, 'test_acc')} | {row['compressed_epochs'] or '—'} |"
             )
     return "\n".join(lines)
 

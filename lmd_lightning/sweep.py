@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-__all__ = ["RESULTS_FILE", "collect", "main", "markdown", "over_seeds", "pareto_front", "plot"]
+__all__ = ["RESULTS_FILE", "collect", "count_label", "main", "markdown", "over_seeds", "pareto_front", "plot"]
 
 RESULTS_FILE = "results.json"  # one per lmd-train run dir (kept light: lmd-report imports no torch)
 
@@ -57,14 +57,18 @@ def pareto_front(rows: list[dict[str, Any]], metric: str, mode: str = "max") -> 
 
 
 def over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows that differ only in their `seed=` override merged: numbers averaged, `<key>_std` and `seeds` added."""
+    """Rows that differ only in their `seed=` override merged: numbers averaged, `<key>_std` and `seeds` added.
+
+    `compressed_epochs` lists every seed's epochs; other non-numbers are the first run's.
+    """
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        label = " ".join(o for o in row["run"].split() if not o.startswith("seed=")) or row["run"]
+        label = " ".join(o for o in row["run"].split() if not o.startswith("seed=")) or "(the shared overrides)"
         groups.setdefault(label, []).append(row)
     merged = []
     for label, group in groups.items():
         row = {**group[0], "run": label, "seeds": len(group)}
+        row["compressed_epochs"] = [epoch for r in group for epoch in r.get("compressed_epochs") or []]
         for key in {k for r in group for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}:
             values = [r[key] for r in group if r.get(key) is not None]
             mean = sum(values) / len(values)
@@ -119,8 +123,8 @@ def plot(rows: list[dict[str, Any]], metric: str, front: list[bool], path: str |
         ax.annotate(row["run"], (row["params"], row[metric]), fontsize=7, alpha=0.8, xytext=(4, 4),
                     textcoords="offset points")
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(_count))
-    ax.xaxis.set_minor_formatter(FuncFormatter(_count))
+    ax.xaxis.set_major_formatter(FuncFormatter(count_label))
+    ax.xaxis.set_minor_formatter(FuncFormatter(count_label))
     ax.tick_params(axis="x", which="both", labelsize=7)
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel("parameters")
@@ -130,7 +134,7 @@ def plot(rows: list[dict[str, Any]], metric: str, front: list[bool], path: str |
     fig.savefig(path, dpi=120)
 
 
-def _count(value: float, _: Any = None) -> str:
+def count_label(value: float, _: Any = None) -> str:
     """Tick labels 1, 2 and 5 per decade as 20k, 500k, 1M; the other ticks unlabelled."""
     digits = f"{value:.0e}"
     if digits[0] not in "125":

@@ -14,9 +14,11 @@ import math
 from typing import Any
 
 from matplotlib.figure import Figure  # the object API: no pyplot state, no backend switching
+from matplotlib.ticker import FuncFormatter
 from torch.utils.tensorboard import SummaryWriter
 
 from lmd_lightning.report import CompressionReport
+from lmd_lightning.sweep import count_label
 
 __all__ = ["log_compression", "log_final", "log_layout", "writers"]
 
@@ -109,6 +111,8 @@ def _sweep(
     if chosen[1] is not None:
         ax.plot([chosen[0]], [chosen[1]], "r*", markersize=14, label="chosen")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(count_label))
+    ax.xaxis.set_minor_formatter(FuncFormatter(count_label))
     ax.set_xlabel("parameters")
     ax.set_ylabel(metric)
     ax.legend()

@@ -1,4 +1,4 @@
-"""The README's main command, on a short schedule, and the README/CI contract."""
+"""The plain-PyTorch quick start on a short schedule, and the README/CI contract."""
 
 from __future__ import annotations
 
@@ -26,3 +26,4 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     assert len(commands) == 2, "the README starts with exactly two commands"
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
     assert "torch==2.13.0" in commands[0] and "torch==2.13.0" in commands[1]
+    assert commands[0].endswith(".venv/bin/lmd-train"), "the main command runs the default recipe"
