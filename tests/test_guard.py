@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -76,10 +78,14 @@ def fit_with(callback: LMDCompression, max_epochs: int = 4):
     return model
 
 
-def test_guard_in_training_records_before_after_and_respects_the_drop() -> None:
+def test_guard_in_training_records_before_after_and_respects_the_drop(caplog: pytest.LogCaptureFixture) -> None:
     lmd = LMDCompression(EnergyRank(0.9), trigger="epoch", min_epochs=2, exclude="net.4",
                          monitor="val_acc", max_accuracy_drop=0.03, guard_batches=1)
-    fit_with(lmd)
+    with caplog.at_level(logging.INFO, logger="lmd_lightning"):
+        fit_with(lmd)
+    unchanged = [r.getMessage() for r in caplog.records if r.name == "lmd_lightning" and "unchanged" in r.getMessage()]
+    dense = [layer["name"] for layer in lmd.reports[0]["layers"] if layer["rank"] is None]
+    assert len(unchanged) == len(dense)  # once, from the applied compression; the trials stay quiet
     assert lmd.compressed and lmd.guard["trials"]
     assert lmd.guard["before"] - lmd.guard["after"] <= 0.03
     assert 0.5 < lmd.guard["final"] <= 1.0  # the validation metric after fine-tuning
