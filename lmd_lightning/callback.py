@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytorch_lightning as pl
@@ -41,17 +39,6 @@ def _check_int(value: Any, arg: str, low: int, optional: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"`{arg}` must be {'None or ' if optional else ''}an int >= {low}, got {value!r}")
-
-
-@contextmanager
-def _quiet(logger: logging.Logger) -> Iterator[None]:
-    """INFO records of `logger` dropped for the block (warnings still pass)."""
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 class LMDCompressionBase:
@@ -314,23 +301,17 @@ class LMDCompressionBase:
         policy = self.policy.for_round(self.round + 1, self.rounds)
         if not self.metric:
             return policy
-        with _quiet(log):  # the trials' "unchanged" lines would contradict the final report; their outcomes follow
-            outcome = self._measure_and_guard(trainer, pl_module, record, policy)
-        self.guard, self.sweep = outcome.guard, outcome.sweep
-        for line in outcome.describe(self.metric):
-            self._info(f"LMDCompression guard: {line}")
-        return outcome.policy
-
-    def _measure_and_guard(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict, policy: RankPolicy
-    ) -> Any:
-        return measure_and_guard(
+        outcome = measure_and_guard(
             policy,
             evaluate=lambda: trainer_surgery.evaluate(trainer, pl_module, self.metric, self.guard_batches),
             apply=lambda candidate: self._apply(pl_module, candidate),
             undo=lambda: undo(pl_module, record),
             max_drop=self.max_accuracy_drop, mode=self.mode, steps=self.search_steps, sweep_points=self.sweep_points,
         )
+        self.guard, self.sweep = outcome.guard, outcome.sweep
+        for line in outcome.describe(self.metric):
+            self._info(f"LMDCompression guard: {line}")
+        return outcome.policy
 
     def _finish(self, trainer: pl.Trainer, report: CompressionReport, why: str) -> None:
         self.compressed_epochs.append(trainer.current_epoch)

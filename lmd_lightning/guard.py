@@ -9,7 +9,9 @@ the mild or aggressive end of its range. Framework-free: the caller supplies the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,6 +138,16 @@ class GuardOutcome:
         ]
 
 
+@contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def measure_and_guard(
     policy: RankPolicy,
     evaluate: Callable[[], float],
@@ -146,12 +158,17 @@ def measure_and_guard(
     steps: int,
     sweep_points: int,
 ) -> GuardOutcome:
-    """The sweep, the metric before truncation and, when `max_drop` is set, the guard's search."""
-    sweep = sweep_knob(policy, evaluate, apply, undo, sweep_points)
-    if max_drop is None:
-        guard = {"before": evaluate(), "after": None, "knob": policy.knob_value, "trials": []}
-        return GuardOutcome(policy, guard, sweep, policy.knob)
-    result = search_knob(policy, evaluate, apply, undo, max_drop, mode, steps)
+    """The sweep, the metric before truncation and, when `max_drop` is set, the guard's search.
+
+    While the trials run, the "lmd_lightning" logger drops INFO records: each trial's per-layer
+    "unchanged" lines would contradict the compression finally applied; `describe` reports them.
+    """
+    with _quiet(logging.getLogger("lmd_lightning")):
+        sweep = sweep_knob(policy, evaluate, apply, undo, sweep_points)
+        if max_drop is None:
+            guard = {"before": evaluate(), "after": None, "knob": policy.knob_value, "trials": []}
+            return GuardOutcome(policy, guard, sweep, policy.knob)
+        result = search_knob(policy, evaluate, apply, undo, max_drop, mode, steps)
     chosen = None if result.policy is None else result.policy.knob_value
     guard = {"before": result.before, "after": None, "knob": chosen, "trials": result.trials}
     return GuardOutcome(result.policy, guard, sweep, policy.knob)
