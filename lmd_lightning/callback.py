@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import pytorch_lightning as pl
@@ -30,7 +29,6 @@ from lmd_lightning.targets import FilterFn, Patterns, find_targets, undo, undo_r
 
 __all__ = ["LMDCompression", "LMDCompressionBase"]
 
-log = logging.getLogger("lmd_lightning")
 TRIGGERS = ("grad_norm", "epoch")
 
 

@@ -10,7 +10,7 @@ import torch
 
 from lmd_lightning.compress import restore_factored_
 
-__all__ = ["LMDCheckpointMixin", "StrictLoadingHold", "load_compressed", "load_factored_state"]
+__all__ = ["LMDCheckpointMixin", "StrictLoadingHold", "load_compressed", "load_factored_state", "read_checkpoint"]
 
 M = TypeVar("M", bound=pl.LightningModule)
 
@@ -23,13 +23,21 @@ def load_compressed(module_cls: type[M], path: str | Path, map_location: Any = "
     """
     if not (isinstance(module_cls, type) and issubclass(module_cls, torch.nn.Module)):
         raise TypeError(f"`module_cls` must be a LightningModule class, got {module_cls!r}")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    if "state_dict" not in checkpoint:
-        raise ValueError(f"{path} holds no 'state_dict': is it a Lightning checkpoint? keys: {sorted(checkpoint)}")
+    checkpoint = read_checkpoint(path, map_location)
     kwargs = {**checkpoint.get("hyper_parameters", {}), **init_kwargs}
     model = module_cls(**kwargs)
     load_factored_state(model, checkpoint["state_dict"])
     return model.eval()
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", arg: str = "path") -> dict[str, Any]:
+    """A Lightning checkpoint read with `weights_only=True`; `arg` names `path` in the errors."""
+    if not isinstance(path, (str, Path)) or not Path(path).is_file():
+        raise FileNotFoundError(f"`{arg}` must name a checkpoint file, got {str(path)!r}")
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"`{arg}`={path} holds no 'state_dict': is it a Lightning checkpoint? keys: {sorted(checkpoint)}")
+    return checkpoint
 
 
 def load_factored_state(module: torch.nn.Module, state_dict: dict[str, Any], strict: bool = True) -> list[str]:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Callback
 
 from lmd_lightning.callback import LMDCompression
-from lmd_lightning.checkpoint import load_factored_state
+from lmd_lightning.checkpoint import load_factored_state, read_checkpoint
 from lmd_lightning.compress import restore_factored_
 from lmd_lightning.sweep import RESULTS_FILE
 
@@ -116,12 +116,10 @@ def _required(cfg: DictConfig, key: str) -> Any:
 
 
 def _read_checkpoint(path: Any, key: str) -> dict[str, Any]:
-    if not isinstance(path, str) or not Path(path).is_file():
-        raise FileNotFoundError(f"`{key}` must name a checkpoint file, got {path!r}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "state_dict" not in checkpoint:
-        raise ConfigError(f"`{key}`={path} holds no 'state_dict'; is it a Lightning checkpoint? keys: {sorted(checkpoint)}")
-    return checkpoint
+    try:
+        return read_checkpoint(path, arg=key)
+    except ValueError as err:  # a file that is no Lightning checkpoint: a config error, in one line
+        raise ConfigError(str(err)) from err
 
 
 def _recorded(cfg: DictConfig, checkpoint: dict[str, Any], key: str, required: bool = True) -> DictConfig | None:
