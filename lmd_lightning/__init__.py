@@ -4,6 +4,7 @@ Dense Linear and Conv2d layers are truncated by SVD (Eckart–Young) once traini
 converged, swapped for factored U·S·Vᵀ modules, and fine-tuned.
 """
 
+from lmd_lightning.calibration import DataMetric
 from lmd_lightning.callback import LMDCompression
 from lmd_lightning.checkpoint import LMDCheckpointMixin, load_compressed
 from lmd_lightning.compress import compress_, restore_factored_
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressionReport",
     "ConvergenceMonitor",
+    "DataMetric",
     "EffectiveRank",
     "EnergyRank",
     "ErrorBound",

@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from lmd_lightning import trainer_surgery
+from lmd_lightning.calibration import Calibration, DataMetric
 from lmd_lightning.checkpoint import StrictLoadingHold
 from lmd_lightning.compress import compress_
 from lmd_lightning.convergence import ConvergenceMonitor, GradNormMeter
@@ -67,6 +68,10 @@ class LMDCompressionBase:
         per_layer_norms: also keep each layer's gradient norm (`convergence.latest_layer_norms`)
             and log it as `lmd/grad_norm/<layer>` at every epoch end, next to `lmd/grad_norm_ema`.
         parametrization / method: passed to `compress_`.
+        metric: "weight" (Eckart–Young on each weight) or "data" / a `DataMetric`: truncate each
+            layer in the metric of its inputs, measured on the first `DataMetric.batches` batches
+            of the training loader (moved to the device, run in eval mode under the trainer's
+            precision; summed over DDP processes). See `compress_` and LMD.md section 5.
         monitor: a metric logged by `validation_step`, measured on `guard_batches` validation
             batches per loader right before truncation and right after it, and at `sweep_points`
             settings of the policy's knob (the rank–accuracy sweep, logged to TensorBoard).
@@ -89,6 +94,7 @@ class LMDCompressionBase:
         per_layer_norms: bool = False,
         parametrization: str = "balanced",
         method: str = "auto",
+        metric: str | DataMetric = "weight",
         monitor: str | None = None,
         max_accuracy_drop: float | None = None,
         mode: str = "max",
@@ -112,6 +118,7 @@ class LMDCompressionBase:
             raise ValueError(f"`parametrization` must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
         if method not in METHODS:
             raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+        self.data_metric = DataMetric.of(metric)
         check_guard_arguments(monitor, max_accuracy_drop, mode, guard_batches, search_steps)
         _check_int(sweep_points, "sweep_points", 0)
         self.sweep_points = sweep_points
@@ -129,6 +136,7 @@ class LMDCompressionBase:
         self.include, self.exclude, self.filter_fn = include, exclude, filter_fn
         self.min_epochs, self.max_epochs, self.every_n_steps = min_epochs, max_epochs, every_n_steps
         self.parametrization, self.method = parametrization, method
+        self._calibration: Calibration | None = None  # the batches of the compression under way
         self.rounds = rounds
         self.compressed_epochs: list[int] = []  # the epoch of each round done
         self.reports: list[dict[str, Any]] = []  # CompressionReport.to_dict() of each compression
@@ -271,6 +279,8 @@ class LMDCompressionBase:
         why = self.convergence.reason if self.convergence.converged else f"epoch {trainer.current_epoch} reached"
         record, before = undo_record(pl_module), trainer_surgery.snapshot(trainer)
         try:
+            if self.data_metric is not None:
+                self._calibration = trainer_surgery.calibration(trainer, self.data_metric)
             policy = self._choose_policy(trainer, pl_module, record)
             if policy is None:
                 self.failure = f"accuracy guard: no setting keeps the drop within {self.max_accuracy_drop}"
@@ -286,12 +296,15 @@ class LMDCompressionBase:
             self.failure = f"{type(err).__name__}: {err}"
             self._warn(f"LMDCompression: compression failed, training continues dense. {self.failure}")
             return
+        finally:
+            self._calibration = None  # do not keep the batches alive between rounds
         self._finish(trainer, report, why)
 
     def _apply(self, pl_module: pl.LightningModule, policy: RankPolicy) -> CompressionReport:
         return compress_(
             pl_module, policy, include=self.include, exclude=self.exclude, filter_fn=self.filter_fn,
             parametrization=self.parametrization, method=self.method,
+            metric=self.data_metric or "weight", calibration=self._calibration,
         )
 
     def _choose_policy(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict) -> RankPolicy | None:
@@ -336,6 +349,7 @@ class LMDCompressionBase:
         hparams = {
             "lmd/policy": repr(self.policy), "lmd/trigger": self.trigger, "lmd/rounds": self.rounds,
             "lmd/min_epochs": self.min_epochs, "lmd/parametrization": self.parametrization,
+            "lmd/metric": "weight" if self.data_metric is None else repr(self.data_metric),
             "lmd/compressed_epochs": str(self.compressed_epochs),
         }
         ratio = self.reports[-1]["totals"]["compression_ratio"] if self.reports else 1.0

@@ -2,7 +2,8 @@
 
 `compress_` runs in two phases so that a failure can never leave a half-swapped model:
 1. plan: read every targeted weight, compute spectra, choose ranks, compute all factors;
-   non-finite weights raise here, before anything has changed;
+   non-finite weights raise here, before anything has changed. With metric="data" the
+   calibration passes run here too, with forward hooks only (calibration.py);
 2. apply: swap the new modules in (and shrink already-factored ones).
 """
 
@@ -10,13 +11,17 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
+from lmd_lightning.calibration import (
+    Calibration, DataMetric, LayerMoments, data_factors, data_spectrum, layer_weight,
+)
 from lmd_lightning.factored import PARAMETRIZATIONS, FactoredLinear, FactoredModule, copy_requires_grad
 from lmd_lightning.factored_conv import FactoredConv2d, conv_matrix
 from lmd_lightning.policies import LayerSpectrum, RankPolicy
@@ -69,13 +74,20 @@ def _start_plan(target: Target) -> _Plan:
     return _Plan(target, report, matrix)
 
 
-def _spectrum(plan: _Plan, needs_spectrum: bool) -> LayerSpectrum | None:
-    """The policy's view of one layer; None (layer left dense) when its SVD fails."""
+def _spectrum(plan: _Plan, needs_spectrum: bool, moments: LayerMoments | None) -> LayerSpectrum | None:
+    """The policy's view of one layer; None (layer left dense) when its SVD fails.
+
+    With `moments` (metric="data") the spectrum is that of W·R, the layer in its inputs' metric.
+    """
     module, report = plan.target.module, plan.report
     s = None
     if needs_spectrum:
         try:
-            s = module.singular_values() if plan.matrix is None else singular_values(plan.matrix, report.name)
+            if moments is not None:
+                s = data_spectrum(layer_weight(module), moments, report.name)
+                s = s[: module.rank] if plan.matrix is None else s  # a factored layer's product has its rank
+            else:
+                s = module.singular_values() if plan.matrix is None else singular_values(plan.matrix, report.name)
             s = s.cpu()  # policies run many small reductions: cheaper on the host
         except SVDFailedError as err:
             _leave_dense(report, f"SVD failed: {err}")
@@ -91,28 +103,37 @@ def _leave_dense(report: LayerReport, reason: str) -> None:
     warnings.warn(f"lmd_lightning: layer `{report.name}` left unchanged: {reason}")
 
 
-def _plan_factors(plan: _Plan, rank: int, method: str) -> None:
-    """Decide one layer from its chosen rank and compute its factors (nothing applied yet)."""
-    report, spectrum, module = plan.report, plan.spectrum, plan.target.module
-    out_dim, fan_in = spectrum.shape
+def _changes(plan: _Plan, rank: int) -> bool:
+    """Whether truncating to `rank` changes the layer; if not, the report says why."""
+    report, module = plan.report, plan.target.module
+    out_dim, fan_in = plan.spectrum.shape
     if plan.matrix is None and rank >= module.rank:
         report.reason = f"already factored at rank {module.rank} <= chosen {rank}"
-        return
+        return False
     if plan.matrix is not None and rank * (out_dim + fan_in) >= out_dim * fan_in:
         report.reason = f"rank {rank} does not save: break-even is r < m·n/(m+n) = {out_dim * fan_in / (out_dim + fan_in):.1f}"
-        return
+        return False
+    return True
+
+
+def _plan_factors(plan: _Plan, rank: int, method: str, moments: LayerMoments | None = None) -> None:
+    """Compute one layer's factors at its chosen rank (nothing applied yet); `moments`: metric="data"."""
+    report, spectrum, module = plan.report, plan.spectrum, plan.target.module
+    out_dim, fan_in = spectrum.shape
     try:
-        if plan.matrix is None:
+        if moments is not None:
+            factors = data_factors(layer_weight(module), moments, rank, method, report.name)
+        elif plan.matrix is None:
             factors = module.truncated_factors(rank)
         else:
             factors = truncated_svd(plan.matrix, rank, method=method, spectrum=spectrum.s, name=report.name)
-    except SVDFailedError as err:
+    except (SVDFailedError, torch.linalg.LinAlgError) as err:
         _leave_dense(report, f"SVD failed: {err}")
         return
     plan.factors = factors
-    report.rank, report.method = rank, factors.method
+    report.rank, report.method = factors.rank, factors.method
     report.relative_error, report.energy = factors.relative_error, factors.energy
-    report.macs_after = rank * (out_dim + fan_in)
+    report.macs_after = factors.rank * (out_dim + fan_in)
 
 
 def _apply(model: nn.Module, plan: _Plan, parametrization: str) -> None:
@@ -131,7 +152,7 @@ def _apply(model: nn.Module, plan: _Plan, parametrization: str) -> None:
     plan.report.params_after = _param_count(new)
 
 
-def _validate(model: nn.Module, policy: RankPolicy, parametrization: str, method: str) -> None:
+def _validate(model: nn.Module, policy: RankPolicy, parametrization: str, method: str, metric, calibration) -> DataMetric | None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(policy, RankPolicy):
@@ -143,6 +164,55 @@ def _validate(model: nn.Module, policy: RankPolicy, parametrization: str, method
         raise ValueError(f"`parametrization` must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+    settings = DataMetric.of(metric)
+    if settings is not None and calibration is None:
+        raise ValueError(
+            "`metric='data'` needs `calibration`: an iterable of batches (e.g. a DataLoader) to measure each "
+            "layer's inputs on"
+        )
+    if settings is None and calibration is not None:
+        raise ValueError(f"`calibration` is only used with metric='data', got metric={metric!r}")
+    return settings
+
+
+class _DataPlans:
+    """metric="data": the calibration run, each layer's moments and the forward order."""
+
+    def __init__(self, model: nn.Module, plans: list[_Plan], calibration, settings: DataMetric) -> None:
+        self.model, self.settings = model, settings
+        self.run = calibration if isinstance(calibration, Calibration) else Calibration(calibration, settings)
+        modules = [plan.target.module for plan in plans]
+        moments, rows, order = self.run.input_moments(model, modules)
+        self.order = {module: index for index, module in enumerate(order)}
+        self.independent: dict[nn.Module, LayerMoments] = {}
+        for plan in plans:
+            module, name = plan.target.module, plan.report.name
+            if module not in moments:
+                plan.report.reason = "received no input in the calibration passes"
+                continue
+            if not bool(torch.isfinite(moments[module]).all()):
+                raise ValueError(f"layer `{name}` received non-finite calibration inputs (NaN or inf); refusing to truncate")
+            try:
+                self.independent[module] = LayerMoments.independent(moments[module], rows[module], settings.damping)
+            except (torch.linalg.LinAlgError, ValueError) as err:
+                _leave_dense(plan.report, f"calibration metric failed: {err}")
+
+    def plan_all(self, plans: list[_Plan], ranks: list[int], method: str) -> None:
+        if not self.settings.sequential:
+            for plan, rank in zip(plans, ranks):
+                if _changes(plan, rank):
+                    _plan_factors(plan, rank, method, self.independent[plan.target.module])
+            return
+        replaced: dict[nn.Module, Tensor] = {}  # layers already fitted → their Ŵ, used in later passes
+        for plan, rank in sorted(zip(plans, ranks), key=lambda pair: self.order[pair[0].target.module]):
+            if not _changes(plan, rank):
+                continue
+            module = plan.target.module
+            dense, cross, trunc, rows = self.run.paired_moments(self.model, module, replaced)
+            _plan_factors(plan, rank, method, LayerMoments.paired(dense, cross, trunc, rows, self.settings.damping))
+            if plan.factors is not None:
+                f = plan.factors
+                replaced[module] = (f.U * f.s) @ f.V.mT
 
 
 @torch.no_grad()
@@ -155,14 +225,19 @@ def compress_(
     filter_fn: FilterFn | None = None,
     parametrization: str = "balanced",
     method: str = "auto",
+    metric: str | DataMetric = "weight",
+    calibration: Iterable[Any] | None = None,
 ) -> CompressionReport:
     """Truncate the model's Linear and Conv2d layers by SVD in place, with ranks from `policy`.
 
     `include`/`exclude` are globs over fully-qualified module names (`"encoder.*"`);
     `filter_fn(name, module)` can veto a layer. Already-factored layers are shrunk, never grown.
+    `metric="weight"` keeps the best rank-r weight (Eckart–Young); `metric="data"` (or a
+    `DataMetric` with its settings) the best rank-r layer for the inputs it receives on the
+    `calibration` batches (on the model's device), fitted layer by layer (LMD.md section 5).
     Returns a CompressionReport; every layer left dense carries its reason.
     """
-    _validate(model, policy, parametrization, method)
+    settings = _validate(model, policy, parametrization, method, metric, calibration)
     params_before = _param_count(model, recurse=True)
     plans = [_start_plan(target) for target in find_targets(model, include, exclude, filter_fn)]
     active = [plan for plan in plans if plan.report.reason is None]
@@ -170,11 +245,19 @@ def compress_(
         tensors = plan.target.module.parameters(recurse=False) if plan.matrix is None else [plan.matrix]
         for tensor in tensors:
             check_finite(tensor.detach(), plan.report.name)
+    data = _DataPlans(model, active, calibration, settings) if settings is not None else None
+    active = [plan for plan in active if plan.report.reason is None]
     for plan in active:
-        plan.spectrum = _spectrum(plan, policy.needs_spectrum)
+        moments = None if data is None else data.independent[plan.target.module]
+        plan.spectrum = _spectrum(plan, policy.needs_spectrum, moments)
     active = [plan for plan in active if plan.spectrum is not None]
-    for plan, rank in zip(active, policy.choose([plan.spectrum for plan in active])):
-        _plan_factors(plan, rank, method)
+    ranks = policy.choose([plan.spectrum for plan in active])
+    if data is not None:
+        data.plan_all(active, ranks, method)
+    else:
+        for plan, rank in zip(active, ranks):
+            if _changes(plan, rank):
+                _plan_factors(plan, rank, method)
     for plan in active:
         if plan.factors is not None:
             _apply(model, plan, parametrization)

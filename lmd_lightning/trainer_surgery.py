@@ -5,7 +5,8 @@
 - `rebuild`: after a module swap, re-run the user's `configure_optimizers`, carry the optimizer
   state of every surviving parameter over, continue the LR schedule, and re-wrap DDP;
 - `restore`: go back to the optimizers from before a swap that failed;
-- `evaluate`: the user's validation metric on a few batches, outside Lightning's loops.
+- `evaluate`: the user's validation metric on a few batches, outside Lightning's loops;
+- `calibration`: training batches for metric="data", on the device, summed over processes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 
 __all__ = [
-    "Snapshot", "check_supported", "evaluate", "gradient_unscale_factor", "lightning_of", "rebuild", "restore", "snapshot",
+    "Snapshot", "calibration", "check_supported", "evaluate", "gradient_unscale_factor", "lightning_of", "rebuild", "restore", "snapshot",
 ]
 
 
@@ -214,3 +215,34 @@ def evaluate(trainer: pl.Trainer, pl_module: pl.LightningModule, metric: str, ma
     totals = torch.tensor([sums[metric], weights[metric]], dtype=torch.float64, device=pl_module.device)
     totals = trainer.strategy.reduce(totals, reduce_op="sum")
     return float(totals[0] / totals[1])
+
+
+def _first_loader(loaders: Any) -> Any:
+    """The training loader, or the first of several (a list, tuple or mapping of loaders)."""
+    if isinstance(loaders, Mapping):
+        loaders = next(iter(loaders.values()), None)
+    elif isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    if loaders is None:
+        raise ValueError("metric='data' needs training batches to calibrate on, but the trainer has no train_dataloader")
+    return loaders
+
+
+def calibration(trainer: pl.Trainer, settings: "DataMetric") -> "Calibration":
+    """The first `settings.batches` training batches, moved to the device, as a Calibration run.
+
+    Forward passes run under the trainer's precision context; moments are summed over DDP
+    processes so that every process computes the same factors.
+    """
+    from lmd_lightning.calibration import Calibration
+
+    batches = []
+    for batch in _first_loader(trainer.train_dataloader):
+        if settings.batches is not None and len(batches) >= settings.batches:
+            break
+        batches.append(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch)))
+    return Calibration(
+        batches, settings,
+        reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"),
+        context=trainer.precision_plugin.forward_context,
+    )

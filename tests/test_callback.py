@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lmd_lightning import ConvergenceMonitor, EnergyRank, FactoredLinear, FixedRank, GlobalBudget, LMDCompression, RankRatio
+from lmd_lightning import ConvergenceMonitor, DataMetric, EnergyRank, compress_, FactoredLinear, FixedRank, GlobalBudget, LMDCompression, RankRatio
 from tests.lightning_models import LitMLP, loaders, trainer
 
 
@@ -144,6 +144,7 @@ def test_model_without_candidates_raises_listing_modules() -> None:
         ({"every_n_steps": 0}, ValueError, r"`every_n_steps` must be an int >= 1, got 0"),
         ({"parametrization": "lora"}, ValueError, r"`parametrization` must be one of"),
         ({"method": "fast"}, ValueError, r"`method` must be one of"),
+        ({"metric": "inputs"}, ValueError, r"`metric` must be one of \('weight', 'data'\) or a DataMetric, got 'inputs'"),
     ],
 )
 def test_invalid_arguments(kwargs: dict, error: type, match: str) -> None:
@@ -228,3 +229,33 @@ def test_changed_param_group_count_rolls_back_instead_of_a_wrong_lr() -> None:
     with pytest.warns(UserWarning, match="parameter groups after the swap, 1 before"):
         trainer(2, [lmd]).fit(GroupedByKind(max_epochs=2), train, val)
     assert not lmd.compressed and "parameter groups" in lmd.failure
+
+
+class StateAt(pl.Callback):
+    """The model's state dict at the start of one epoch (before or after LMDCompression, by list order)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch, self.state = epoch, None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_data_metric_calibrates_on_the_first_training_batches() -> None:
+    settings = DataMetric(batches=3, damping=0.05)
+    before, after = StateAt(2), StateAt(2)
+    lmd = LMDCompression(FixedRank(6), trigger="epoch", min_epochs=2, exclude="net.4", metric=settings)
+    model, _ = fit([before, lmd, after], max_epochs=3)
+    assert lmd.data_metric == settings and isinstance(model.net[2], FactoredLinear)
+    # the same truncation by hand: the dense model at epoch 2, the loader's first 3 batches
+    dense = LitMLP()
+    dense.load_state_dict(before.state)
+    train, _ = loaders()
+    compress_(dense, FixedRank(6), exclude="net.4", metric=settings, calibration=train)
+    for key in ("net.0.U", "net.0.V", "net.2.U", "net.2.V"):
+        torch.testing.assert_close(after.state[key], dense.state_dict()[key], rtol=1e-5, atol=1e-6)
+    plain = LitMLP()
+    plain.load_state_dict(before.state)
+    compress_(plain, FixedRank(6), exclude="net.4")
+    assert not torch.allclose(plain.net[2].dense_weight(), dense.net[2].dense_weight(), atol=1e-3)  # a different fit

@@ -13,7 +13,7 @@ from hydra.errors import InstantiationException, MissingConfigException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
-from lmd_lightning import ConvergenceMonitor, LMDCompression, RankPolicy
+from lmd_lightning import ConvergenceMonitor, DataMetric, LMDCompression, RankPolicy
 from lmd_lightning.cli import config_dir, recipe_dir, register_recipes
 
 GROUPS = ("model", "data", "compression", "trigger", "trainer", "logger", "callback", "checkpoint", "paths")
@@ -83,6 +83,15 @@ def test_compression_configs_mirror_the_policy_dataclasses(option: str) -> None:
         assert getattr(policy, key) == cfg.compression[key]
     callback = instantiate(cfg.callback)
     assert isinstance(callback, LMDCompression) and callback.policy == policy
+
+
+def test_metric_configs() -> None:
+    assert instantiate(compose_config().callback).data_metric is None  # weight: the default
+    cfg = compose_config(overrides=("metric=data", "metric.damping=0.1"))
+    fields = {field.name for field in dataclasses.fields(DataMetric)} - {"forward"}  # a callable, not config
+    assert set(cfg.metric) - {"_target_"} == fields
+    callback = instantiate(cfg.callback)
+    assert callback.data_metric == DataMetric(batches=8, damping=0.1, sequential=True)
 
 
 def test_callback_and_trigger_configs_mirror_their_signatures() -> None:
