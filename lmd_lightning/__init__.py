@@ -11,6 +11,7 @@ from lmd_lightning.compress import compress_, restore_factored_
 from lmd_lightning.convergence import ConvergenceMonitor
 from lmd_lightning.factored import FactoredLinear
 from lmd_lightning.factored_conv import FactoredConv2d
+from lmd_lightning.maps import add_metric_maps_, fold_
 from lmd_lightning.policies import (
     EffectiveRank,
     EnergyRank,
@@ -20,6 +21,7 @@ from lmd_lightning.policies import (
     RankPolicy,
     RankRatio,
 )
+from lmd_lightning.regularize import Regularizer
 from lmd_lightning.report import CompressionReport, LayerReport
 
 __version__ = "0.1.0"
@@ -40,8 +42,11 @@ __all__ = [
     "LayerReport",
     "RankPolicy",
     "RankRatio",
+    "Regularizer",
     "__version__",
+    "add_metric_maps_",
     "compress_",
+    "fold_",
     "load_compressed",
     "restore_factored_",
 ]

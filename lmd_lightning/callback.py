@@ -22,7 +22,9 @@ from lmd_lightning.compress import compress_
 from lmd_lightning.convergence import ConvergenceMonitor, GradNormMeter
 from lmd_lightning.factored import PARAMETRIZATIONS
 from lmd_lightning.guard import check_guard_arguments, measure_and_guard
+from lmd_lightning.maps import fold_, metric_map_layers
 from lmd_lightning.policies import RankPolicy
+from lmd_lightning.regularize import Regularizer, RegularizerRun
 from lmd_lightning.report import CompressionReport
 from lmd_lightning.schedule import Schedule, default_last_epoch
 from lmd_lightning.svd import METHODS
@@ -72,6 +74,14 @@ class LMDCompressionBase:
             layer in the metric of its inputs, measured on the first `DataMetric.batches` batches
             of the training loader (moved to the device, run in eval mode under the trainer's
             precision; summed over DDP processes). See `compress_` and LMD.md section 5.
+        metric_maps: give each factored layer learnable r×r I_dist and O_dist at the identity
+            (LMD Eq. 3–4), trained in the fine-tuning phase.
+        regularizer: None, "identity", "laplacian" or a `Regularizer` (λ as `lmd_lambda`, how
+            often, graph size): a penalty on the metric maps whose gradient the callback adds after
+            each backward (respecting gradient accumulation, AMP scaling and DDP); logged as
+            `lmd/reg/<kind>`. Needs `metric_maps=True`. See lmd_lightning.regularize.
+        fold_maps: at the end of training, fold the metric maps into the factors (same outputs,
+            canonical U, s, V, no maps left). Export folds too, unless told not to.
         monitor: a metric logged by `validation_step`, measured on `guard_batches` validation
             batches per loader right before truncation and right after it, and at `sweep_points`
             settings of the policy's knob (the rank–accuracy sweep, logged to TensorBoard).
@@ -95,6 +105,9 @@ class LMDCompressionBase:
         parametrization: str = "balanced",
         method: str = "auto",
         metric: str | DataMetric = "weight",
+        metric_maps: bool = False,
+        regularizer: str | Regularizer | None = None,
+        fold_maps: bool = True,
         monitor: str | None = None,
         max_accuracy_drop: float | None = None,
         mode: str = "max",
@@ -119,6 +132,14 @@ class LMDCompressionBase:
         if method not in METHODS:
             raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
         self.data_metric = DataMetric.of(metric)
+        for name, flag in (("metric_maps", metric_maps), ("fold_maps", fold_maps)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be a bool, got {flag!r}")
+        self.metric_maps, self.fold_maps = metric_maps, fold_maps
+        self.regularizer = Regularizer.of(regularizer)
+        if self.regularizer is not None and not metric_maps:
+            raise ValueError(f"`regularizer`={self.regularizer.kind!r} acts on the metric maps: it needs metric_maps=True")
+        self._regularizing = RegularizerRun(self.regularizer) if self.regularizer is not None else None
         check_guard_arguments(monitor, max_accuracy_drop, mode, guard_batches, search_steps)
         _check_int(sweep_points, "sweep_points", 0)
         self.sweep_points = sweep_points
@@ -184,6 +205,14 @@ class LMDCompressionBase:
         if self.metric is not None and not trainer.sanity_checking and not self._metric_checked:
             self._check_metric(trainer)
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._regularizing is not None and self._regularizing.due(trainer.global_step):
+            self._regularizing.arm(metric_map_layers(pl_module))
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._regularizing is not None and self._regularizing.due(trainer.global_step):
+            self._regularize(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._due(trainer.current_epoch):
             self._compress(trainer, pl_module)
@@ -194,6 +223,8 @@ class LMDCompressionBase:
             self._log_norms(pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.fold_maps and metric_map_layers(pl_module):
+            self._info(f"LMDCompression: folded the metric maps of {len(fold_(pl_module))} layers into their factors")
         if self.guard is not None and self.guard["after"] is not None and self.metric in trainer.callback_metrics:
             self._report_final(float(trainer.callback_metrics[self.metric]))
         if trainer.loggers:
@@ -304,8 +335,23 @@ class LMDCompressionBase:
         return compress_(
             pl_module, policy, include=self.include, exclude=self.exclude, filter_fn=self.filter_fn,
             parametrization=self.parametrization, method=self.method,
-            metric=self.data_metric or "weight", calibration=self._calibration,
+            metric=self.data_metric or "weight", calibration=self._calibration, metric_maps=self.metric_maps,
         )
+
+    def _regularize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        layers = metric_map_layers(pl_module)
+        if not layers:
+            self._regularizing.disarm()
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        value = self._regularizing.add_gradients(
+            layers,
+            scale=1.0 / trainer.accumulate_grad_batches,
+            loss_scale=scaler.get_scale() if scaler is not None else None,
+            reduce=lambda grad: trainer.strategy.reduce(grad, reduce_op="mean"),
+        )
+        if value is not None:
+            pl_module.log(f"lmd/reg/{self.regularizer.kind}", value, on_step=True, on_epoch=True)
 
     def _choose_policy(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict) -> RankPolicy | None:
         """This round's policy; with a `monitor`, also the sweep, and the guard's search if asked for."""
@@ -350,6 +396,7 @@ class LMDCompressionBase:
             "lmd/policy": repr(self.policy), "lmd/trigger": self.trigger, "lmd/rounds": self.rounds,
             "lmd/min_epochs": self.min_epochs, "lmd/parametrization": self.parametrization,
             "lmd/metric": "weight" if self.data_metric is None else repr(self.data_metric),
+            "lmd/metric_maps": self.metric_maps, "lmd/regularizer": repr(self.regularizer),
             "lmd/compressed_epochs": str(self.compressed_epochs),
         }
         ratio = self.reports[-1]["totals"]["compression_ratio"] if self.reports else 1.0

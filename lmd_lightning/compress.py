@@ -136,10 +136,12 @@ def _plan_factors(plan: _Plan, rank: int, method: str, moments: LayerMoments | N
     report.macs_after = factors.rank * (out_dim + fan_in)
 
 
-def _apply(model: nn.Module, plan: _Plan, parametrization: str) -> None:
+def _apply(model: nn.Module, plan: _Plan, parametrization: str, metric_maps: bool) -> None:
     module, factors = plan.target.module, plan.factors
     if isinstance(module, FactoredModule):
         module.load_factors_(factors)
+        if metric_maps:
+            module.add_metric_maps_()
         plan.report.params_after = _param_count(module)
         return
     bias = None if module.bias is None else module.bias.detach()
@@ -147,6 +149,8 @@ def _apply(model: nn.Module, plan: _Plan, parametrization: str) -> None:
         new = FactoredConv2d.from_factors(factors, module, bias, parametrization)
     else:
         new = FactoredLinear.from_factors(factors, bias, parametrization)
+    if metric_maps:
+        new.add_metric_maps_()
     copy_requires_grad(module, new)
     swap_module(model, module, new)
     plan.report.params_after = _param_count(new)
@@ -227,6 +231,7 @@ def compress_(
     method: str = "auto",
     metric: str | DataMetric = "weight",
     calibration: Iterable[Any] | None = None,
+    metric_maps: bool = False,
 ) -> CompressionReport:
     """Truncate the model's Linear and Conv2d layers by SVD in place, with ranks from `policy`.
 
@@ -235,9 +240,13 @@ def compress_(
     `metric="weight"` keeps the best rank-r weight (Eckart–Young); `metric="data"` (or a
     `DataMetric` with its settings) the best rank-r layer for the inputs it receives on the
     `calibration` batches (on the model's device), fitted layer by layer (LMD.md section 5).
+    `metric_maps=True` gives every layer it factors or shrinks learnable r×r I_dist and O_dist
+    at the identity (LMD Eq. 4); `fold_` merges them back. Shrinking a layer resets its maps.
     Returns a CompressionReport; every layer left dense carries its reason.
     """
     settings = _validate(model, policy, parametrization, method, metric, calibration)
+    if not isinstance(metric_maps, bool):
+        raise TypeError(f"`metric_maps` must be a bool, got {metric_maps!r}")
     params_before = _param_count(model, recurse=True)
     plans = [_start_plan(target) for target in find_targets(model, include, exclude, filter_fn)]
     active = [plan for plan in plans if plan.report.reason is None]
@@ -260,7 +269,7 @@ def compress_(
                 _plan_factors(plan, rank, method)
     for plan in active:
         if plan.factors is not None:
-            _apply(model, plan, parametrization)
+            _apply(model, plan, parametrization, metric_maps)
     notes = [f"fused fast path disabled in `{name}`" for name in disable_fused_fast_paths(model)]
     spectra = {plan.report.name: plan.spectrum.s for plan in active if plan.spectrum.s is not None}
     report = CompressionReport(
@@ -276,11 +285,13 @@ def _rebuilt(module: nn.Module, prefix: str, state_dict: Mapping[str, Tensor]) -
     U, V = state_dict[prefix + "U"], state_dict[prefix + "V"]  # (out, r), (fan_in, r)
     rank, has_bias = U.shape[1], prefix + "bias" in state_dict
     parametrization = "svd" if prefix + "s" in state_dict else "balanced"
+    maps = prefix + "I_dist" in state_dict
     like = module.U if isinstance(module, FactoredModule) else module.weight
-    if isinstance(module, FactoredModule) and (module.rank, module.bias is not None, module.parametrization) == (
-        rank, has_bias, parametrization):
+    if isinstance(module, FactoredModule) and (
+        module.rank, module.bias is not None, module.parametrization, module.has_metric_maps) == (
+        rank, has_bias, parametrization, maps):
         return None
-    kw = {"device": like.device, "dtype": like.dtype}
+    kw = {"device": like.device, "dtype": like.dtype, "metric_maps": maps}
     if isinstance(module, (nn.Linear, FactoredLinear)):
         expected = (module.out_features, module.in_features)
     else:
@@ -303,7 +314,8 @@ def restore_factored_(model: nn.Module, state_dict: Mapping[str, Tensor]) -> lis
     """Rebuild the factored structure recorded in `state_dict` so a strict load_state_dict works.
 
     Every `<name>.U` / `<name>.V` pair whose `<name>` is a Linear, Conv2d or factored layer in
-    `model` gets a factored layer of the checkpoint's rank and parametrization (values are
+    `model` gets a factored layer of the checkpoint's rank and parametrization, with metric maps
+    if the checkpoint has `<name>.I_dist` (values are
     placeholders until `load_state_dict`). Returns the names of the layers rebuilt.
     """
     if not isinstance(model, nn.Module):

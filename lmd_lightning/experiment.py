@@ -93,7 +93,7 @@ def export(cfg: DictConfig) -> Any:
     batch = _example_batch(model, data_cfg if cfg.verify_on == "data" else None)
     # state_dict is verified by loading it into a fresh model built from the same config
     rebuild = (lambda: _build("model", model_cfg, optimizer=None, scheduler=None)) if cfg.format == "state_dict" else None
-    result = export_model(model, output, cfg.format, batch, atol=cfg.atol, rtol=cfg.rtol, rebuild=rebuild)
+    result = export_model(model, output, cfg.format, batch, atol=cfg.atol, rtol=cfg.rtol, rebuild=rebuild, fold=cfg.fold)
     print(result)
     return result
 

@@ -85,23 +85,26 @@ def export_model(
     atol: float = 1e-4,
     rtol: float = 1e-4,
     rebuild: Callable[[], nn.Module] | None = None,
+    fold: bool = True,
 ) -> ExportResult:
     """Export `model` in eval mode to `path` as `format`, then reload it and compare outputs.
 
     Outputs on `example_input` must agree as in torch.testing: |artefact − model| ≤ atol + rtol·|model|.
-    A module with a `fold_()` method has it called on a deep copy first: that is the hook for LMD
-    metric maps (I_dist, O_dist), which merge into the factors so the artefact runs the plain product;
-    the artefact is compared with the unfolded model, so a fold that changes the function is caught.
+    With `fold=True`, modules with a `fold_()` method have it called on a deep copy first: LMD
+    metric maps (I_dist, O_dist) merge into the factors, so the artefact runs the plain product.
+    The artefact is compared with the unfolded model, so a fold that changes the function is caught.
     `rebuild` (state_dict only) makes a fresh dense model of the same architecture, used to compare
     outputs; without it the reloaded state dict is compared tensor for tensor.
     For a dynamic batch dimension (exported_program, onnx) give an example batch of at least 2.
     Raises RuntimeError, leaving `path` as it was, when the artefact differs or is no longer factored.
     """
     path = _validate(model, path, format, example_input, atol, rtol, rebuild)
+    if not isinstance(fold, bool):
+        raise TypeError(f"`fold` must be a bool, got {fold!r}")
     writer = partial(_write_state_dict, rebuild=rebuild) if format == "state_dict" else _WRITERS[format]
     with _eval_mode(model), torch.no_grad():
         expected = _flatten(model(example_input))
-        target, folded = _folded(model)
+        target, folded = _folded(model) if fold else (model, 0)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             check = writer(target, staging / path.name, example_input)
@@ -166,12 +169,19 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def _folds(module: nn.Module) -> bool:
+    """Whether `fold_()` would change it: factored layers only with metric maps, others if they have one."""
+    if isinstance(module, FactoredModule):
+        return module.has_metric_maps
+    return callable(getattr(module, "fold_", None))
+
+
 def _folded(model: nn.Module) -> tuple[nn.Module, int]:
     """A deep copy with every `fold_()` applied, or the model itself when nothing folds."""
-    if not any(callable(getattr(module, "fold_", None)) for module in model.modules()):
+    if not any(_folds(module) for module in model.modules()):
         return model, 0
     folded = copy.deepcopy(model)
-    folding = [module for module in folded.modules() if callable(getattr(module, "fold_", None))]
+    folding = [module for module in folded.modules() if _folds(module)]
     for module in folding:
         module.fold_()
     return folded, len(folding)

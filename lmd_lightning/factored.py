@@ -6,6 +6,11 @@ Two ways to hold the factors (`parametrization`):
   (Pufferfish, Cuttlefish; measured in benchmarks/results/parametrization.md).
 - "svd": orthonormal `U`, `V` and the spectrum `s` as three parameters (LMD Eq. 2).
 Either way `singular_values()` returns the current spectrum exactly.
+
+Optionally a layer carries LMD's metric maps (Eq. 3–4): learnable r×r `I_dist` and `O_dist`,
+initialized to the identity, so that W = U·O_dist·diag(s)·I_dist·Vᵀ ("svd") or
+W = (U√s)·O_dist·I_dist·(V√s)ᵀ ("balanced"). `fold_()` multiplies them into the factors and
+restores the canonical form; the layer then computes the same map without them.
 """
 
 from __future__ import annotations
@@ -42,9 +47,12 @@ class FactoredModule(nn.Module):
     V: nn.Parameter  # (fan_in, r)
     s: nn.Parameter | None  # (r,), only with parametrization="svd"
     bias: nn.Parameter | None  # (out,)
+    I_dist: nn.Parameter | None  # (r, r), only with metric maps
+    O_dist: nn.Parameter | None  # (r, r), only with metric maps
 
     def _init_parameters(
-        self, out_dim: int, fan_in: int, rank: int, bias: bool, parametrization: str, device, dtype
+        self, out_dim: int, fan_in: int, rank: int, bias: bool, parametrization: str, device, dtype,
+        metric_maps: bool = False,
     ) -> None:
         _check_parametrization(parametrization)
         _check_rank(rank, out_dim, fan_in)
@@ -54,7 +62,13 @@ class FactoredModule(nn.Module):
         self.V = nn.Parameter(torch.empty(fan_in, rank, **kw))
         self.s = nn.Parameter(torch.empty(rank, **kw)) if parametrization == "svd" else None
         self.bias = nn.Parameter(torch.empty(out_dim, **kw)) if bias else None
+        self.I_dist: nn.Parameter | None = None
+        self.O_dist: nn.Parameter | None = None
         self.reset_parameters()
+        if not isinstance(metric_maps, bool):
+            raise TypeError(f"`metric_maps` must be a bool, got {metric_maps!r}")
+        if metric_maps:
+            self.add_metric_maps_()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -65,6 +79,9 @@ class FactoredModule(nn.Module):
         nn.init.normal_(self.V, std=std)
         if self.s is not None:
             nn.init.ones_(self.s)
+        for dist in (self.I_dist, self.O_dist):
+            if dist is not None:
+                dist.copy_(torch.eye(self.rank, dtype=dist.dtype, device=dist.device))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
@@ -73,9 +90,50 @@ class FactoredModule(nn.Module):
     def rank(self) -> int:
         return self.U.shape[1]
 
+    @property
+    def has_metric_maps(self) -> bool:
+        return self.I_dist is not None
+
+    def core(self) -> Tensor | None:
+        """O_dist·diag(s)·I_dist (r, r), or O_dist·I_dist when "balanced"; None without metric maps."""
+        if self.I_dist is None:
+            return None
+        inner = self.I_dist if self.s is None else self.s[:, None] * self.I_dist
+        return self.O_dist @ inner
+
     def scaled_U(self) -> Tensor:
-        """U·diag(s) (out, r): the left factor with the spectrum folded in."""
+        """The left factor (out, r), with the spectrum and any metric maps in it: W = scaled_U()·Vᵀ."""
+        core = self.core()
+        if core is not None:
+            return self.U @ core
         return self.U if self.s is None else self.U * self.s
+
+    @torch.no_grad()
+    def add_metric_maps_(self) -> FactoredModule:
+        """Give the layer learnable r×r I_dist and O_dist at the identity (LMD Eq. 4): same output.
+
+        New parameters: rebuild any optimizer that should train them. A no-op if it has them.
+        """
+        if self.I_dist is None:
+            eye = torch.eye(self.rank, device=self.U.device, dtype=self.U.dtype)
+            self.I_dist = nn.Parameter(eye.clone(), requires_grad=self.U.requires_grad)
+            self.O_dist = nn.Parameter(eye.clone(), requires_grad=self.U.requires_grad)
+        return self
+
+    @torch.no_grad()
+    def fold_(self) -> FactoredModule:
+        """Multiply the metric maps into the factors and drop them, restoring the canonical form.
+
+        Afterwards U and V have orthonormal columns (scaled by √s when "balanced") and s descends;
+        the layer computes the same map up to rounding. A no-op without metric maps.
+        """
+        if self.I_dist is None:
+            return self
+        if not all(bool(torch.isfinite(p).all()) for p in self.parameters(recurse=False)):
+            raise ValueError(f"cannot fold the metric maps of {self.extra_repr()}: it has non-finite parameters")
+        factors = self.canonical_factors()
+        self.I_dist = self.O_dist = None
+        return self.load_factors_(factors)
 
     def dense_weight(self) -> Tensor:
         """The (out, fan_in) product U·diag(s)·Vᵀ. For export and checks, not for forward."""
@@ -118,7 +176,10 @@ class FactoredModule(nn.Module):
 
     @torch.no_grad()
     def load_factors_(self, factors: Factors) -> FactoredModule:
-        """Replace U, (s,) V by `factors` (orthonormal U, V; s descending), in this layer's layout."""
+        """Replace U, (s,) V by `factors` (orthonormal U, V; s descending), in this layer's layout.
+
+        Metric maps, if the layer has them, start again from the identity at the new rank.
+        """
         out_dim, fan_in = self.U.shape[0], self.V.shape[0]
         if factors.U.shape[0] != out_dim or factors.V.shape[0] != fan_in:
             raise ValueError(
@@ -131,13 +192,17 @@ class FactoredModule(nn.Module):
             tensors = {"U": factors.U * root, "V": factors.V * root}
         else:
             tensors = {"U": factors.U, "s": factors.s, "V": factors.V}
+        if self.I_dist is not None:
+            eye = torch.eye(factors.rank, device=factors.U.device, dtype=factors.U.dtype)
+            tensors.update(I_dist=eye, O_dist=eye.clone())
         for key, value in tensors.items():
             value = value.to(device=like.device, dtype=like.dtype).contiguous()
             setattr(self, key, nn.Parameter(value, requires_grad=requires_grad))
         return self
 
     def _common_repr(self) -> str:
-        return f"rank={self.rank}, bias={self.bias is not None}, parametrization={self.parametrization}"
+        maps = ", metric_maps=True" if self.has_metric_maps else ""
+        return f"rank={self.rank}, bias={self.bias is not None}, parametrization={self.parametrization}{maps}"
 
 
 def _check_type(obj: object, expected: type, arg: str) -> None:
@@ -157,11 +222,12 @@ class FactoredLinear(FactoredModule):
         parametrization: Parametrization = "balanced",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        metric_maps: bool = False,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self._init_parameters(out_features, in_features, rank, bias, parametrization, device, dtype)
+        self._init_parameters(out_features, in_features, rank, bias, parametrization, device, dtype, metric_maps)
 
     def forward(self, x: Tensor) -> Tensor:
         z = F.linear(x, self.V.mT)  # (..., r)

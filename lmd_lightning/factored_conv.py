@@ -54,6 +54,7 @@ class FactoredConv2d(FactoredModule):
         parametrization: Parametrization = "balanced",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        metric_maps: bool = False,
     ) -> None:
         super().__init__()
         if padding_mode not in PADDING_MODES:
@@ -68,7 +69,7 @@ class FactoredConv2d(FactoredModule):
         self.dilation = _pair(dilation)
         self.padding_mode = padding_mode
         fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
-        self._init_parameters(out_channels, fan_in, rank, bias, parametrization, device, dtype)
+        self._init_parameters(out_channels, fan_in, rank, bias, parametrization, device, dtype, metric_maps)
 
     def forward(self, x: Tensor) -> Tensor:
         r, (kh, kw) = self.rank, self.kernel_size

@@ -13,7 +13,7 @@ from hydra.errors import InstantiationException, MissingConfigException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
-from lmd_lightning import ConvergenceMonitor, DataMetric, LMDCompression, RankPolicy
+from lmd_lightning import ConvergenceMonitor, DataMetric, LMDCompression, RankPolicy, Regularizer
 from lmd_lightning.cli import config_dir, recipe_dir, register_recipes
 
 GROUPS = ("model", "data", "compression", "trigger", "trainer", "logger", "callback", "checkpoint", "paths")
@@ -92,6 +92,16 @@ def test_metric_configs() -> None:
     assert set(cfg.metric) - {"_target_"} == fields
     callback = instantiate(cfg.callback)
     assert callback.data_metric == DataMetric(batches=8, damping=0.1, sequential=True)
+
+
+@pytest.mark.parametrize("option", ["identity", "laplacian"])
+def test_regularizer_configs_mirror_the_dataclass_and_switch_maps_on(option: str) -> None:
+    assert instantiate(compose_config().callback).regularizer is None  # no regularizer by default
+    cfg = compose_config(overrides=(f"regularizer={option}",))
+    assert set(cfg.regularizer) - {"_target_"} == {field.name for field in dataclasses.fields(Regularizer)}
+    callback = instantiate(cfg.callback)
+    assert callback.metric_maps and callback.regularizer == instantiate(cfg.regularizer)
+    assert callback.regularizer.kind == option
 
 
 def test_callback_and_trigger_configs_mirror_their_signatures() -> None:

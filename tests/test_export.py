@@ -304,3 +304,31 @@ def test_bad_arguments_raise(kwargs: dict, error: type[Exception], match: str, t
     with pytest.raises(error, match=match):
         export_model(**arguments)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("format", ["torchscript", "exported_program", "state_dict"])
+@pytest.mark.parametrize("fold", [True, False])
+def test_metric_maps_fold_on_export_unless_disabled(tmp_path: Path, format: str, fold: bool) -> None:
+    torch.manual_seed(0)
+    model = tiny_mlp()
+    compress_(model, FixedRank(4), metric_maps=True)
+    with torch.no_grad():
+        for layer in (model[0], model[3]):
+            layer.I_dist.add_(0.1 * torch.randn_like(layer.I_dist))
+            layer.O_dist.add_(0.1 * torch.randn_like(layer.O_dist))
+    x = torch.randn(3, 16)
+    path = tmp_path / f"m{SUFFIX[format]}"
+    rebuild = tiny_mlp if format == "state_dict" else None
+    result = export_model(model, path, format, x, rebuild=rebuild, fold=fold)
+    assert result.verified and result.factored_layers == 2
+    assert ("folded 2 module(s)" in result.note) == fold
+    assert model[0].has_metric_maps  # the user's model keeps its maps
+    if format == "state_dict":
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert ("0.I_dist" in state) == (not fold)
+
+
+def test_export_fold_must_be_a_bool(tmp_path: Path) -> None:
+    model, x, _ = compressed("mlp")
+    with pytest.raises(TypeError, match="`fold` must be a bool, got 'no'"):
+        export_model(model, tmp_path / "m.pt2", "exported_program", x, fold="no")

@@ -1,0 +1,220 @@
+"""LMD-guided regularization of the metric maps I_dist and O_dist (LMD.md sections 4 and 6).
+
+Two penalties per factored layer that carries metric maps, summed over layers and scaled by λ:
+
+- "identity": ‖I_dist − 1‖²_F + ‖O_dist − 1‖²_F keeps the maps near the Eckart–Young solution
+  (LMD Eq. 4). With `orthogonality=True` it adds a gauge term that is zero at the canonical form:
+  ‖UᵀU − 1‖² + ‖VᵀV − 1‖² for parametrization "svd", ‖UᵀU − VᵀV‖² for "balanced" (U√s, V√s).
+- "laplacian" (LMD Eq. 5–7 as read in LMD.md section 4): on p of the layer's input rows x (a
+  random subset of the batch's rows; for a conv, of its unfolded patches) build the symmetric
+  kNN graph A (k neighbours, 0/1 weights), D = diag(A·1), L = D − A. With the latent codes
+  Z = x·V·I_distᵀ (p × r, i.e. zᵢ = I_dist·Vᵀxᵢ) the input term is the Dirichlet energy
+      tr(ZᵀL_in Z) / tr(ZᵀD_in Z) = ½Σᵢⱼ Aᵢⱼ‖zᵢ − zⱼ‖² / Σᵢ dᵢ‖zᵢ‖²,
+  a generalized Rayleigh quotient in [0, 2]: 0 exactly when Z is constant on each connected
+  component of the graph, and invariant to Z's scale. The output term is the same quotient for
+  the codes that enter U, w = O_dist·diag(s)·I_dist·Vᵀx, on the graph L_out built on the
+  layer's outputs. x, V, s and the outputs are detached: the penalty shapes I_dist and O_dist
+  only, the task loss trains everything. Cost per layer: O(p²·(fan_in + out)) for the graphs
+  and O(p²·r) for the quadratic forms, every `every_n_steps` optimizer steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmd_lightning.calibration import layer_rows
+from lmd_lightning.factored import FactoredModule
+
+__all__ = ["REGULARIZERS", "Regularizer", "identity_penalty", "knn_graph", "laplacian_penalty", "smoothness"]
+
+REGULARIZERS = ("identity", "laplacian")
+
+
+@dataclass(frozen=True)
+class Regularizer:
+    """Settings of LMDCompression's `regularizer=`: which penalty, how strong, how often.
+
+    Args:
+        kind: "identity" or "laplacian" (see the module docstring for the formulas).
+        lmd_lambda: λ ≥ 0, the penalty's weight next to the task loss. 0 measures and logs it only.
+        every_n_steps: apply it on every this-many optimizer steps (with weight λ on those steps).
+        orthogonality: "identity" only: add the gauge term on U and V.
+        points: rows of the batch the Laplacian graphs are built on (p; cost grows as p²).
+        k: neighbours per point in the kNN graphs.
+    """
+
+    kind: str = "identity"
+    lmd_lambda: float = 0.01
+    every_n_steps: int = 1
+    orthogonality: bool = False
+    points: int = 128
+    k: int = 10
+
+    def __post_init__(self) -> None:
+        if self.kind not in REGULARIZERS:
+            raise ValueError(f"`regularizer` must be one of {REGULARIZERS}, a Regularizer or None, got {self.kind!r}")
+        number = isinstance(self.lmd_lambda, (int, float)) and not isinstance(self.lmd_lambda, bool)
+        if not number or not math.isfinite(self.lmd_lambda) or self.lmd_lambda < 0:
+            raise ValueError(f"`lmd_lambda` must be a finite number >= 0, got {self.lmd_lambda!r}")
+        for name, low in (("every_n_steps", 1), ("points", 3), ("k", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Regularizer `{name}` must be an int >= {low}, got {value!r}")
+        if self.k >= self.points:
+            raise ValueError(f"Regularizer `k` ({self.k}) must be smaller than `points` ({self.points})")
+        if not isinstance(self.orthogonality, bool):
+            raise TypeError(f"Regularizer `orthogonality` must be a bool, got {self.orthogonality!r}")
+        if self.orthogonality and self.kind != "identity":
+            raise ValueError("Regularizer `orthogonality=True` goes with kind='identity' only")
+
+    @staticmethod
+    def of(regularizer: str | Regularizer | None) -> Regularizer | None:
+        if regularizer is None or isinstance(regularizer, Regularizer):
+            return regularizer
+        if isinstance(regularizer, str):
+            return Regularizer(kind=regularizer)
+        raise ValueError(f"`regularizer` must be one of {REGULARIZERS}, a Regularizer or None, got {regularizer!r}")
+
+
+def identity_penalty(layer: FactoredModule, orthogonality: bool = False) -> Tensor:
+    """‖I_dist − 1‖² + ‖O_dist − 1‖² (+ the gauge term on U, V): zero right after truncation."""
+    eye = torch.eye(layer.rank, dtype=layer.U.dtype, device=layer.U.device)
+    penalty = (layer.I_dist - eye).square().sum() + (layer.O_dist - eye).square().sum()
+    if orthogonality:
+        UtU, VtV = layer.U.mT @ layer.U, layer.V.mT @ layer.V
+        if layer.s is None:  # balanced: both Gram matrices equal diag(s) at the canonical form
+            penalty = penalty + (UtU - VtV).square().sum()
+        else:
+            penalty = penalty + (UtU - eye).square().sum() + (VtV - eye).square().sum()
+    return penalty
+
+
+def knn_graph(points: Tensor, k: int) -> Tensor:
+    """Symmetric 0/1 adjacency (p, p) of the k-nearest-neighbour graph (Euclidean, no self loops)."""
+    p = points.shape[0]
+    k = min(k, p - 1)
+    distances = torch.cdist(points, points)
+    distances.fill_diagonal_(math.inf)
+    neighbours = distances.topk(k, largest=False).indices  # (p, k)
+    A = torch.zeros(p, p, dtype=points.dtype, device=points.device)
+    A.scatter_(1, neighbours, 1.0)
+    return torch.maximum(A, A.mT)
+
+
+def smoothness(codes: Tensor, adjacency: Tensor) -> Tensor:
+    """tr(ZᵀLZ)/tr(ZᵀDZ) with L = D − A: in [0, 2], zero iff Z is constant on connected components."""
+    degree = adjacency.sum(1)
+    quadratic = (codes * (degree[:, None] * codes - adjacency @ codes)).sum()  # tr(Zᵀ(D − A)Z)
+    scale = (degree[:, None] * codes.square()).sum()
+    return quadratic / scale.clamp_min(torch.finfo(codes.dtype).tiny)
+
+
+def laplacian_penalty(layer: FactoredModule, inputs: Tensor, outputs: Tensor, k: int) -> Tensor:
+    """The input plus the output term for `inputs` (p, fan_in) and `outputs` (p, out), both detached rows."""
+    x = inputs.detach().to(layer.U.dtype)
+    latent = x @ layer.V.detach()  # (p, r): Vᵀx
+    codes = latent @ layer.I_dist.mT  # Z = I_dist·Vᵀx
+    spectrum = layer.s.detach() if layer.s is not None else None
+    scaled = codes if spectrum is None else codes * spectrum
+    entering_U = scaled @ layer.O_dist.mT  # w = O_dist·diag(s)·I_dist·Vᵀx
+    graph_in = knn_graph(x, k)
+    graph_out = knn_graph(outputs.detach().to(layer.U.dtype), k)
+    return smoothness(codes, graph_in) + smoothness(entering_U, graph_out)
+
+
+class RegularizerRun:
+    """Applies a Regularizer inside a Lightning fit, from the callback's hooks.
+
+    On a due step, forward hooks keep `points` rows of each map-carrying layer's input and output
+    (a private generator picks them: the global RNG is untouched). After each backward the penalty's
+    gradient is added to `.grad` of the maps — taken with `torch.autograd.grad`, so DDP's reducer is
+    not involved; it is averaged over processes by the caller's `reduce`, divided by the number of
+    accumulated batches and multiplied by the AMP loss scale, exactly as the task loss's gradient is.
+    """
+
+    def __init__(self, settings: Regularizer, seed: int = 0) -> None:
+        self.settings = settings
+        self.generator = torch.Generator().manual_seed(seed)
+        self._handles: list[Any] = []
+        self._rows: dict[str, tuple[Tensor, Tensor]] = {}
+        self.last_value: float | None = None
+
+    def due(self, step: int) -> bool:
+        return step % self.settings.every_n_steps == 0
+
+    def arm(self, layers: dict[str, FactoredModule]) -> None:
+        """Start capturing rows for this step (the Laplacian needs the layers' inputs and outputs)."""
+        self.disarm()
+        if self.settings.kind != "laplacian":
+            return
+        for name, layer in layers.items():
+            self._handles.append(layer.register_forward_hook(self._capture(name)))
+
+    def _capture(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if name in self._rows or not module.training:
+                return
+            x = layer_rows(module, args[0].detach())
+            y = output.detach()
+            if hasattr(module, "kernel_size"):  # (B, out, H', W') → rows in unfold's (b, position) order
+                y = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+            else:
+                y = y.reshape(-1, y.shape[-1])
+            chosen = torch.randperm(x.shape[0], generator=self.generator)[: self.settings.points].to(x.device)
+            self._rows[name] = (x[chosen].float(), y[chosen].float())
+
+        return hook
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def penalty(self, layers: dict[str, FactoredModule]) -> Tensor | None:
+        """λ-free penalty summed over layers, or None when nothing was captured."""
+        total = None
+        for name, layer in layers.items():
+            if self.settings.kind == "identity":
+                term = identity_penalty(layer, self.settings.orthogonality)
+            elif name in self._rows and self._rows[name][0].shape[0] > self.settings.k:
+                term = laplacian_penalty(layer, *self._rows[name], self.settings.k)
+            else:
+                continue
+            total = term if total is None else total + term
+        self._rows.clear()
+        return total
+
+    def add_gradients(self, layers: dict[str, FactoredModule], scale: float, loss_scale: Tensor | None, reduce) -> float | None:
+        """Add ∂(λ·penalty·scale)/∂θ to the maps' (and, with orthogonality, U's and V's) gradients."""
+        self.disarm()
+        value = self.penalty(layers)
+        if value is None:
+            return None
+        self.last_value = float(value.detach())
+        if self.settings.lmd_lambda == 0:
+            return self.last_value  # measured and logged, not applied
+        params = [p for layer in layers.values() for p in self._targets(layer) if p.requires_grad]
+        objective = value * (self.settings.lmd_lambda * scale)
+        if loss_scale is not None:
+            objective = objective * loss_scale
+        grads = torch.autograd.grad(objective, params, allow_unused=True)
+        for param, grad in zip(params, grads):
+            if grad is None:
+                continue
+            grad = reduce(grad)
+            if param.grad is None:
+                param.grad = grad.detach().clone()
+            else:
+                param.grad.add_(grad)
+        return self.last_value
+
+    def _targets(self, layer: FactoredModule) -> list[nn.Parameter]:
+        params = [layer.I_dist, layer.O_dist]
+        if self.settings.kind == "identity" and self.settings.orthogonality:
+            params += [layer.U, layer.V]
+        return params
