@@ -79,6 +79,7 @@ def _task(name: str) -> Callable[[DictConfig], None]:
 train = _hydra_app("train", _task("train"))
 finetune = _hydra_app("finetune", _task("finetune"))
 export = _hydra_app("export", _task("export"))
+analyze = _hydra_app("analyze", _task("analyze"))
 
 
 def report(argv: list[str] | None = None) -> None:

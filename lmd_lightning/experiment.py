@@ -26,7 +26,7 @@ from lmd_lightning.checkpoint import load_factored_state, read_checkpoint
 from lmd_lightning.compress import restore_factored_
 from lmd_lightning.sweep import RESULTS_FILE
 
-__all__ = ["CONFIG_KEY", "ConfigError", "RecordConfig", "export", "finetune", "load_model", "train"]
+__all__ = ["CONFIG_KEY", "ConfigError", "RecordConfig", "analyze", "export", "finetune", "load_model", "train"]
 
 CONFIG_KEY = "lmd_config"  # where lmd-train keeps its config (interpolations unresolved) in each checkpoint
 
@@ -95,6 +95,32 @@ def export(cfg: DictConfig) -> Any:
     rebuild = (lambda: _build("model", model_cfg, optimizer=None, scheduler=None)) if cfg.format == "state_dict" else None
     result = export_model(model, output, cfg.format, batch, atol=cfg.atol, rtol=cfg.rtol, rebuild=rebuild, fold=cfg.fold)
     print(result)
+    return result
+
+
+def analyze(cfg: DictConfig) -> Any:
+    """lmd-analyze: per-layer spectra, ranks and the intrinsic dimension of the layers' inputs."""
+    from lmd_lightning.analysis import analyze as run_analysis, log_tensorboard
+
+    for key, low in (("batches", 1), ("max_points", 3)):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < low:
+            raise ConfigError(f"`{key}` must be an int >= {low}, got {cfg[key]!r}")
+    model, _, data_cfg = load_model(cfg)
+    calibration = None
+    if data_cfg is not None:
+        datamodule = _build("data", data_cfg)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        calibration = datamodule.train_dataloader()
+    result = run_analysis(model, calibration, batches=cfg.batches, max_points=cfg.max_points)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(result.table())
+    print(f"\nJSON:        {result.write_json(out / 'analysis.json')}")
+    if cfg.tensorboard:
+        print(f"TensorBoard: tensorboard --logdir {log_tensorboard(result, out / 'tensorboard')}")
+    if calibration is None:
+        print("(no data recorded or given: weights only; add +data=NAME for the inputs' intrinsic dimension)")
     return result
 
 
