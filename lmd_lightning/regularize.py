@@ -138,8 +138,8 @@ class RegularizerRun:
     """
 
     def __init__(self, settings: Regularizer, seed: int = 0) -> None:
-        self.settings = settings
-        self.generator = torch.Generator().manual_seed(seed)
+        self.settings, self.seed = settings, seed
+        self.generator: torch.Generator | None = None  # made at first use: ddp_spawn pickles the callback
         self._handles: list[Any] = []
         self._rows: dict[str, tuple[Tensor, Tensor]] = {}
         self.last_value: float | None = None
@@ -165,6 +165,8 @@ class RegularizerRun:
                 y = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
             else:
                 y = y.reshape(-1, y.shape[-1])
+            if self.generator is None:
+                self.generator = torch.Generator().manual_seed(self.seed)
             chosen = torch.randperm(x.shape[0], generator=self.generator)[: self.settings.points].to(x.device)
             self._rows[name] = (x[chosen].float(), y[chosen].float())
 

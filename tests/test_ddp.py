@@ -8,7 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lmd_lightning import EnergyRank, FactoredLinear, LMDCompression
+from lmd_lightning import DataMetric, EnergyRank, FactoredLinear, LMDCompression, Regularizer
 from tests.lightning_models import LitMLP, loaders, trainer
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
@@ -32,10 +32,19 @@ class SaveOnEveryRank(pl.Callback):
         self._save(trainer, pl_module, "end")
 
 
-def test_ddp_two_processes_stay_identical(tmp_path: Path) -> None:
+LMD_OPTIONS = {  # each process sees different batches: moments and penalty gradients must be reduced
+    "metric=data + laplacian": dict(metric=DataMetric(batches=3), metric_maps=True, fold_maps=False,
+                                    regularizer=Regularizer("laplacian", lmd_lambda=1.0, points=32, k=4)),
+    "identity": dict(metric_maps=True, fold_maps=False, regularizer=Regularizer("identity", lmd_lambda=1.0)),
+}
+
+
+@pytest.mark.parametrize("options", ["plain", *LMD_OPTIONS])
+def test_ddp_two_processes_stay_identical(tmp_path: Path, options: str) -> None:
     pl.seed_everything(0, verbose=False)
     model = LitMLP(max_epochs=4)
-    callback = LMDCompression(EnergyRank(0.8), trigger="epoch", min_epochs=2, exclude="net.4")
+    callback = LMDCompression(EnergyRank(0.8), trigger="epoch", min_epochs=2, exclude="net.4",
+                              **LMD_OPTIONS.get(options, {}))
     train, val = loaders()
     t = trainer(4, [callback, SaveOnEveryRank(tmp_path)], strategy="ddp_spawn", devices=2)
     t.fit(model, train, val)
@@ -48,3 +57,5 @@ def test_ddp_two_processes_stay_identical(tmp_path: Path) -> None:
     start = torch.load(tmp_path / "swap_rank0.pt", weights_only=True)
     end = torch.load(tmp_path / "end_rank0.pt", weights_only=True)
     assert not torch.equal(start["net.0.U"], end["net.0.U"])  # the factors were trained after the swap
+    if options != "plain":
+        assert not torch.equal(start["net.0.I_dist"], end["net.0.I_dist"])  # and so were the maps
