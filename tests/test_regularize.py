@@ -200,3 +200,21 @@ def test_accumulated_training_with_the_laplacian_runs_and_logs():
     _, state, t, lmd = fit_with(Regularizer(kind="laplacian", lmd_lambda=1.0, every_n_steps=2), accumulate=2)
     assert lmd.compressed and "net.0.I_dist" in state
     assert 0.0 < float(t.callback_metrics["lmd/reg/laplacian_epoch"]) <= 4.0
+
+
+def test_bf16_mixed_with_data_metric_and_laplacian():
+    """Calibration and penalty run under the trainer's bf16 autocast; moments stay float64, maps float32."""
+    from lmd_lightning import DataMetric
+
+    pl.seed_everything(0, verbose=False)
+    model = LitMLP(max_epochs=2, optimizer="adamw", lr=3e-3)
+    train, val = loaders()
+    lmd = LMDCompression(FixedRank(8), trigger="epoch", min_epochs=1, exclude="net.4", metric=DataMetric(batches=2),
+                         metric_maps=True, regularizer=Regularizer("laplacian", lmd_lambda=1.0, points=32, k=4),
+                         fold_maps=False)
+    t = trainer(2, [lmd], precision="bf16-mixed")
+    t.fit(model, train, val)
+    assert lmd.compressed and lmd.failure is None and model.net[0].rank == 8
+    assert model.net[0].I_dist.dtype == torch.float32 and bool(torch.isfinite(model.net[0].I_dist).all())
+    assert not torch.equal(model.net[0].I_dist.detach(), torch.eye(8))  # trained
+    assert 0.0 < float(t.callback_metrics["lmd/reg/laplacian_epoch"]) <= 4.0
