@@ -192,10 +192,10 @@ class LMDCompressionBase:
         self._strict.give_back(pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._strict.give_back(pl_module)  # also when no checkpoint was loaded
+        self._release(pl_module)  # also when no checkpoint was loaded
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._strict.give_back(pl_module)  # Lightning skips teardown on an exception
+        self._release(pl_module)  # Lightning skips teardown on an exception
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if self.round < self.rounds and self.trigger == "grad_norm" and trainer.global_step % self.every_n_steps == 0:
@@ -223,8 +223,9 @@ class LMDCompressionBase:
             self._log_norms(pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release(pl_module)
         if self.fold_maps and metric_map_layers(pl_module):
-            self._info(f"LMDCompression: folded the metric maps of {len(fold_(pl_module))} layers into their factors")
+            self._fold(trainer, pl_module)
         if self.guard is not None and self.guard["after"] is not None and self.metric in trainer.callback_metrics:
             self._report_final(float(trainer.callback_metrics[self.metric]))
         if trainer.loggers:
@@ -338,6 +339,25 @@ class LMDCompressionBase:
             metric=self.data_metric or "weight", calibration=self._calibration, metric_maps=self.metric_maps,
         )
 
+    def _release(self, pl_module: pl.LightningModule) -> None:
+        """Leave the user's module as it was: strict loading given back, no hooks of ours left on it."""
+        self._strict.give_back(pl_module)
+        if self._regularizing is not None:
+            self._regularizing.disarm()
+
+    def _fold(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fold the maps into the factors, then rebuild the optimizers so that they hold no dropped map."""
+        record, before = undo_record(pl_module), trainer_surgery.snapshot(trainer)
+        try:
+            folded = fold_(pl_module)
+            trainer_surgery.rebuild(trainer, before)
+        except Exception as err:  # e.g. a diverged run's non-finite factors: keep the maps, say why
+            undo(pl_module, record)
+            trainer_surgery.restore(trainer, before)
+            self._warn(f"LMDCompression: the metric maps were left unfolded. {type(err).__name__}: {err}")
+            return
+        self._info(f"LMDCompression: folded the metric maps of {len(folded)} layers into their factors")
+
     def _regularize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         layers = metric_map_layers(pl_module)
         if not layers:
@@ -347,7 +367,7 @@ class LMDCompressionBase:
         value = self._regularizing.add_gradients(
             layers,
             scale=1.0 / trainer.accumulate_grad_batches,
-            loss_scale=scaler.get_scale() if scaler is not None else None,
+            loss_scale=scaler.get_scale() if scaler is not None else None,  # the task loss's gradients carry it
             reduce=lambda grad: trainer.strategy.reduce(grad, reduce_op="mean"),
         )
         if value is not None:

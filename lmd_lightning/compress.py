@@ -136,12 +136,10 @@ def _plan_factors(plan: _Plan, rank: int, method: str, moments: LayerMoments | N
     report.macs_after = factors.rank * (out_dim + fan_in)
 
 
-def _apply(model: nn.Module, plan: _Plan, parametrization: str, metric_maps: bool) -> None:
+def _apply(model: nn.Module, plan: _Plan, parametrization: str) -> None:
     module, factors = plan.target.module, plan.factors
     if isinstance(module, FactoredModule):
-        module.load_factors_(factors)
-        if metric_maps:
-            module.add_metric_maps_()
+        module.load_factors_(factors)  # resets any metric maps to the identity
         plan.report.params_after = _param_count(module)
         return
     bias = None if module.bias is None else module.bias.detach()
@@ -149,8 +147,6 @@ def _apply(model: nn.Module, plan: _Plan, parametrization: str, metric_maps: boo
         new = FactoredConv2d.from_factors(factors, module, bias, parametrization)
     else:
         new = FactoredLinear.from_factors(factors, bias, parametrization)
-    if metric_maps:
-        new.add_metric_maps_()
     copy_requires_grad(module, new)
     swap_module(model, module, new)
     plan.report.params_after = _param_count(new)
@@ -213,7 +209,12 @@ class _DataPlans:
                 continue
             module = plan.target.module
             dense, cross, trunc, rows = self.run.paired_moments(self.model, module, replaced)
-            _plan_factors(plan, rank, method, LayerMoments.paired(dense, cross, trunc, rows, self.settings.damping))
+            try:
+                moments = LayerMoments.paired(dense, cross, trunc, rows, self.settings.damping)
+            except (torch.linalg.LinAlgError, ValueError) as err:  # e.g. all-zero inputs with damping 0
+                _leave_dense(plan.report, f"calibration metric failed: {err}")
+                continue
+            _plan_factors(plan, rank, method, moments)
             if plan.factors is not None:
                 f = plan.factors
                 replaced[module] = (f.U * f.s) @ f.V.mT
@@ -240,7 +241,7 @@ def compress_(
     `metric="weight"` keeps the best rank-r weight (Eckart–Young); `metric="data"` (or a
     `DataMetric` with its settings) the best rank-r layer for the inputs it receives on the
     `calibration` batches (on the model's device), fitted layer by layer (LMD.md section 5).
-    `metric_maps=True` gives every layer it factors or shrinks learnable r×r I_dist and O_dist
+    `metric_maps=True` gives every targeted factored layer (new or not) learnable r×r I_dist and O_dist
     at the identity (LMD Eq. 4); `fold_` merges them back. Shrinking a layer resets its maps.
     Returns a CompressionReport; every layer left dense carries its reason.
     """
@@ -269,7 +270,13 @@ def compress_(
                 _plan_factors(plan, rank, method)
     for plan in active:
         if plan.factors is not None:
-            _apply(model, plan, parametrization, metric_maps)
+            _apply(model, plan, parametrization)
+    if metric_maps:  # every targeted factored layer carries maps, also one left at its rank
+        for plan in plans:
+            current = model.get_submodule(plan.target.name)
+            if isinstance(current, FactoredModule):
+                current.add_metric_maps_()
+                plan.report.params_after = _param_count(current)
     notes = [f"fused fast path disabled in `{name}`" for name in disable_fused_fast_paths(model)]
     spectra = {plan.report.name: plan.spectrum.s for plan in active if plan.spectrum.s is not None}
     report = CompressionReport(

@@ -222,6 +222,15 @@ def _fit(
 def _compression(cfg: DictConfig) -> LMDCompression | None:
     """The callback, or None for compression=none; policy and trigger are built alone first for clear errors."""
     if cfg.compression is None:
+        data_metric = cfg.get("metric") is not None and OmegaConf.select(cfg, "metric.object") != "weight"
+        lmd_options = [key for key, on in (("regularizer", cfg.get("regularizer") is not None), ("metric", data_metric)) if on]
+        if lmd_options:  # they act through the callback, which compression=none does not add
+            raise ConfigError(
+                f"{' and '.join(f'`{key}`' for key in lmd_options)} need{'s' if len(lmd_options) == 1 else ''} the "
+                "LMDCompression callback, which "
+                "compression=none leaves out: pick a compression (e.g. compression=fixed compression.rank=R, "
+                "which keeps factored layers at their rank when R is at least theirs)"
+            )
         return None
     _build("compression", cfg.compression)
     if not isinstance(cfg.trigger, str):

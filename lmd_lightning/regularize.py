@@ -21,6 +21,7 @@ Two penalties per factored layer that carries metric maps, summed over layers an
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,6 +174,7 @@ class RegularizerRun:
         return hook
 
     def disarm(self) -> None:
+        """Remove the hooks and forget captured rows (also after a step whose backward was skipped)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -188,27 +190,35 @@ class RegularizerRun:
             else:
                 continue
             total = term if total is None else total + term
-        self._rows.clear()
         return total
 
-    def add_gradients(self, layers: dict[str, FactoredModule], scale: float, loss_scale: Tensor | None, reduce) -> float | None:
-        """Add ∂(λ·penalty·scale)/∂θ to the maps' (and, with orthogonality, U's and V's) gradients."""
+    def add_gradients(
+        self, layers: dict[str, FactoredModule], scale: float, loss_scale: float | None, reduce: Callable[[Tensor], Tensor]
+    ) -> float | None:
+        """Add ∂(λ·penalty·scale·loss_scale)/∂θ to the maps' (with orthogonality also U's and V's) gradients.
+
+        The Laplacian's gradients depend on each process's batch: they are averaged with one
+        `reduce` call over a flat buffer, made on every process whatever it captured (zeros where
+        it has nothing), so that processes never disagree on the collectives they run. The identity
+        penalty depends on the parameters only, which DDP keeps equal: it needs no reduce.
+        """
         self.disarm()
         value = self.penalty(layers)
-        if value is None:
-            return None
-        self.last_value = float(value.detach())
+        self._rows.clear()
+        self.last_value = None if value is None else float(value.detach())
         if self.settings.lmd_lambda == 0:
             return self.last_value  # measured and logged, not applied
         params = [p for layer in layers.values() for p in self._targets(layer) if p.requires_grad]
-        objective = value * (self.settings.lmd_lambda * scale)
-        if loss_scale is not None:
-            objective = objective * loss_scale
-        grads = torch.autograd.grad(objective, params, allow_unused=True)
+        grads: list[Tensor | None] = [None] * len(params)
+        if value is not None and value.requires_grad:
+            objective = value * (self.settings.lmd_lambda * scale * (1.0 if loss_scale is None else float(loss_scale)))
+            grads = list(torch.autograd.grad(objective, params, allow_unused=True))
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        if self.settings.kind == "laplacian" and grads:
+            flat = reduce(torch.cat([g.reshape(-1) for g in grads]))
+            grads = list(flat.split([g.numel() for g in grads]))
         for param, grad in zip(params, grads):
-            if grad is None:
-                continue
-            grad = reduce(grad)
+            grad = grad.reshape(param.shape).to(param.dtype)
             if param.grad is None:
                 param.grad = grad.detach().clone()
             else:

@@ -144,6 +144,8 @@ def undo(model: nn.Module, record: dict) -> None:
         if name and name in current and current[name] is not module:
             swap_module(model, current[name], module)
     for name, params in record["factors"].items():
-        record["modules"][name]._parameters.update(params)
+        registered = record["modules"][name]._parameters
+        registered.clear()  # also drops what was added since (metric maps)
+        registered.update(params)
     for name, (flag, value) in record["flags"].items():
         setattr(record["modules"][name], flag, value)

@@ -229,7 +229,7 @@ def _first_loader(loaders: Any) -> Any:
 
 
 def calibration(trainer: pl.Trainer, settings: "DataMetric") -> "Calibration":
-    """The first `settings.batches` training batches, moved to the device, as a Calibration run.
+    """The first `settings.batches` training batches (all of them for None), moved to the device, as a Calibration run.
 
     Forward passes run under the trainer's precision context; moments are summed over DDP
     processes so that every process computes the same factors.
@@ -237,10 +237,11 @@ def calibration(trainer: pl.Trainer, settings: "DataMetric") -> "Calibration":
     from lmd_lightning.calibration import Calibration
 
     batches = []
-    for batch in _first_loader(trainer.train_dataloader):
-        if settings.batches is not None and len(batches) >= settings.batches:
-            break
-        batches.append(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch)))
+    with torch.random.fork_rng(devices=[]):  # a shuffled loader draws from the global RNG: leave training's order alone
+        for batch in _first_loader(trainer.train_dataloader):
+            batches.append(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch)))
+            if settings.batches is not None and len(batches) >= settings.batches:
+                break
     return Calibration(
         batches, settings,
         reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"),

@@ -132,3 +132,12 @@ def test_analyze_command_errors(lmd_checkpoint: str, tmp_path: Path):
     assert shown.returncode == 0 and "intrinsic dimension" in shown.stdout
     missing = command("lmd-analyze", cwd=tmp_path)
     assert missing.returncode == 2 and "lmd-analyze: error: `ckpt_path` is required" in missing.stderr
+
+
+def test_finetune_refuses_lmd_options_without_the_callback(lmd_checkpoint: str, tmp_path: Path):
+    from lmd_lightning.experiment import finetune
+
+    cfg = compose_config("finetune", (f"ckpt_path={lmd_checkpoint}", "regularizer=laplacian", "metric=data"),
+                         output_dir=tmp_path)
+    with pytest.raises(ConfigError, match="`regularizer` and `metric` need the LMDCompression callback"):
+        finetune(cfg)

@@ -299,3 +299,32 @@ def test_float32_model_works_and_returns_float32_factors():
         compress_(model, FixedRank(4), metric="data", calibration=[X])
     assert model[0].U.dtype == torch.float32 and model[2].rank == 4
     assert torch.isfinite(model(X)).all()
+
+
+def test_sequential_conv_stack_with_damping_beats_plain_end_to_end():
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).double()
+    gen = torch.Generator().manual_seed(10)
+    x = (torch.randn(24, 1, 8, 8, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 0.3, 0.05], dtype=torch.float64)[:, None, None]
+         + 0.02 * torch.randn(24, 3, 8, 8, generator=gen, dtype=torch.float64))
+    plain = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).double()
+    plain.load_state_dict(model.state_dict())
+    y = model(x).detach()
+    compress_(plain, FixedRank(4))
+    compress_(model, FixedRank(4), metric=DataMetric(damping=0.01), calibration=x.split(8))
+    with torch.no_grad():
+        assert float((model(x) - y).norm()) < 0.8 * float((plain(x) - y).norm())
+
+
+def test_sequential_whitening_failure_leaves_that_layer_dense():
+    """Dead inputs after the first truncation (all-zero) with damping 0: that layer stays dense, the rest goes on."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).double()
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every ReLU output is 0
+    X = correlated_inputs(64, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = compress_(model, FixedRank(2), metric=DataMetric(damping=0.0), calibration=[X])
+    reasons = {layer.name: layer.reason for layer in report.layers}
+    assert isinstance(model[0], FactoredLinear) and isinstance(model[2], nn.Linear)
+    assert reasons["2"].startswith("calibration metric failed")

@@ -162,3 +162,13 @@ def test_checkpoints_round_trip_through_restore_factored(with_maps):
     restore_factored_(other, state)
     other.load_state_dict(state)
     torch.testing.assert_close(other(x), model(x))
+
+
+def test_metric_maps_reach_factored_layers_left_at_their_rank():
+    model = Net()
+    compress_(model, FixedRank(3), include=["fc1", "conv"])
+    report = compress_(model, FixedRank(5), metric_maps=True)  # fc1/conv stay at 3; fc2 at rank 5 would not save
+    assert model.fc1.has_metric_maps and model.conv.has_metric_maps and isinstance(model.fc2, nn.Linear)
+    assert model.fc1.rank == 3
+    layers = {layer.name: layer for layer in report.layers}
+    assert layers["fc1"].params_after == sum(p.numel() for p in model.fc1.parameters())  # maps counted

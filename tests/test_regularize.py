@@ -218,3 +218,86 @@ def test_bf16_mixed_with_data_metric_and_laplacian():
     assert model.net[0].I_dist.dtype == torch.float32 and bool(torch.isfinite(model.net[0].I_dist).all())
     assert not torch.equal(model.net[0].I_dist.detach(), torch.eye(8))  # trained
     assert 0.0 < float(t.callback_metrics["lmd/reg/laplacian_epoch"]) <= 4.0
+
+
+def test_callback_passes_accumulation_and_no_loss_scale_to_the_penalty(monkeypatch):
+    from lmd_lightning.regularize import RegularizerRun
+
+    seen = []
+    original = RegularizerRun.add_gradients
+
+    def spy(self, layers, scale, loss_scale, reduce):
+        seen.append((scale, loss_scale, sorted(layers)))
+        return original(self, layers, scale, loss_scale, reduce)
+
+    monkeypatch.setattr(RegularizerRun, "add_gradients", spy)
+    fit_with(Regularizer(kind="identity", every_n_steps=3), accumulate=2)
+    assert seen and {entry[0] for entry in seen} == {0.5} and {entry[1] for entry in seen} == {None}
+    assert seen[0][2] == ["net.0", "net.2"]
+    # 13 batches per epoch, accumulated by 2: 7 optimizer steps per epoch; every 3rd step, both micro-batches
+    assert len(seen) % 2 == 0
+
+
+def test_laplacian_gradients_go_through_one_reduce():
+    from lmd_lightning.regularize import RegularizerRun
+
+    layer = layer_with_moved_maps()
+    run = RegularizerRun(Regularizer(kind="laplacian", lmd_lambda=1.0, points=20, k=4))
+    x = torch.randn(30, 6, dtype=torch.float64)
+    calls = []
+
+    def once(reduce_factor):
+        run.arm({"fc": layer})
+        layer.train()
+        layer(x)
+        layer.I_dist.grad = layer.O_dist.grad = None
+        run.generator = torch.Generator().manual_seed(0)  # the same rows both times
+        run._rows.clear()
+        layer(x)
+        run.add_gradients({"fc": layer}, 1.0, None, lambda g: calls.append(g.numel()) or reduce_factor * g)
+        return layer.I_dist.grad.clone(), layer.O_dist.grad.clone()
+
+    single, doubled = once(1.0), once(2.0)
+    assert calls == [18, 18]  # one flat buffer: 3×3 + 3×3
+    torch.testing.assert_close(doubled[0], 2 * single[0])
+    torch.testing.assert_close(doubled[1], 2 * single[1])
+
+
+def test_fold_at_the_end_survives_non_finite_maps():
+    class Poison(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            with torch.no_grad():
+                pl_module.net[0].I_dist.fill_(float("nan"))
+
+    pl.seed_everything(0, verbose=False)
+    model = LitMLP(max_epochs=2)
+    train, val = loaders()
+    lmd = LMDCompression(FixedRank(8), trigger="epoch", min_epochs=1, exclude="net.4", metric_maps=True)
+    t = trainer(2, [Poison(), lmd])
+    with pytest.warns(UserWarning, match="metric maps were left unfolded. ValueError: cannot fold"):
+        t.fit(model, train, val)
+    assert model.net[0].has_metric_maps and model.net[2].has_metric_maps  # nothing half-folded
+    optimized = {id(p) for group in t.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters()}
+
+
+def test_fold_at_the_end_rebuilds_the_optimizer_over_the_folded_parameters():
+    model, _, t, _ = fit_with(Regularizer(kind="identity"), fold_maps=True)
+    optimized = {id(p) for group in t.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters()} and not model.net[0].has_metric_maps
+
+
+def test_guard_with_data_metric_and_maps_leaves_no_hooks_and_keeps_maps():
+    from lmd_lightning import DataMetric, EnergyRank
+
+    pl.seed_everything(0, verbose=False)
+    model = LitMLP(max_epochs=2)
+    train, val = loaders()
+    lmd = LMDCompression(EnergyRank(0.95), trigger="epoch", min_epochs=1, exclude="net.4", metric=DataMetric(batches=2),
+                         metric_maps=True, fold_maps=False, monitor="val_acc", max_accuracy_drop=0.05,
+                         search_steps=2, sweep_points=2)
+    trainer(2, [lmd]).fit(model, train, val)
+    assert lmd.compressed and lmd.failure is None and len(lmd.guard["trials"]) >= 2
+    factored = [m for m in model.modules() if isinstance(m, FactoredLinear)]
+    assert factored and all(m.has_metric_maps for m in factored)
+    assert all(not m._forward_hooks for m in model.modules())
