@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     extra.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     extra.add_argument("--dense-epochs", type=int, default=20)
     extra.add_argument("--finetune-epochs", type=int, default=20)
+    extra.add_argument("--out", default="lmd", help="result file name: benchmarks/results/<out>.md")
     extra.add_argument("--truncation-only", nargs="*", default=["transformer"],
                        help="models that run the truncation variants only (the transformer: ~5 s per epoch here)")
     known, rest = extra.parse_known_args(argv)
@@ -156,8 +158,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"epochs, seeds {', '.join(map(str, seeds))}\n\n" + table(results[budget], dense_params)
             )
         body = __doc__.split("\n\n", 2)[2] + "\n" + "\n\n".join(sections)  # rewritten after each model
-        name = "lmd_quick" if args.quick else "lmd"
-        command = "python -m benchmarks.bench_lmd" + (" --quick" if args.quick else " " + " ".join(argv or []))
+        name = "lmd_quick" if args.quick else known.out
+        given = sys.argv[1:] if argv is None else argv
+        command = "python -m benchmarks.bench_lmd " + " ".join(given)
         path = write_result(name, "LMD proper: data-metric truncation and metric-map regularizers", body, command.strip())
     print(path.read_text())
 

@@ -16,15 +16,15 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from lmd_lightning import trainer_surgery
-from lmd_lightning.calibration import Calibration, DataMetric
+from lmd_lightning.calibration import DataMetric
 from lmd_lightning.checkpoint import StrictLoadingHold
 from lmd_lightning.compress import compress_
 from lmd_lightning.convergence import ConvergenceMonitor, GradNormMeter
 from lmd_lightning.factored import PARAMETRIZATIONS
 from lmd_lightning.guard import check_guard_arguments, measure_and_guard
-from lmd_lightning.maps import fold_, metric_map_layers
 from lmd_lightning.policies import RankPolicy
-from lmd_lightning.regularize import Regularizer, RegularizerRun
+from lmd_lightning.lmd_proper import LMDProper
+from lmd_lightning.regularize import Regularizer
 from lmd_lightning.report import CompressionReport
 from lmd_lightning.schedule import Schedule, default_last_epoch
 from lmd_lightning.svd import METHODS
@@ -131,15 +131,9 @@ class LMDCompressionBase:
             raise ValueError(f"`parametrization` must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
         if method not in METHODS:
             raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
-        self.data_metric = DataMetric.of(metric)
-        for name, flag in (("metric_maps", metric_maps), ("fold_maps", fold_maps)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"`{name}` must be a bool, got {flag!r}")
-        self.metric_maps, self.fold_maps = metric_maps, fold_maps
-        self.regularizer = Regularizer.of(regularizer)
-        if self.regularizer is not None and not metric_maps:
-            raise ValueError(f"`regularizer`={self.regularizer.kind!r} acts on the metric maps: it needs metric_maps=True")
-        self._regularizing = RegularizerRun(self.regularizer) if self.regularizer is not None else None
+        self.lmd = LMDProper(metric, metric_maps, regularizer, fold_maps)
+        self.data_metric, self.metric_maps = self.lmd.data_metric, metric_maps
+        self.regularizer, self.fold_maps = self.lmd.regularizer, fold_maps
         check_guard_arguments(monitor, max_accuracy_drop, mode, guard_batches, search_steps)
         _check_int(sweep_points, "sweep_points", 0)
         self.sweep_points = sweep_points
@@ -157,7 +151,6 @@ class LMDCompressionBase:
         self.include, self.exclude, self.filter_fn = include, exclude, filter_fn
         self.min_epochs, self.max_epochs, self.every_n_steps = min_epochs, max_epochs, every_n_steps
         self.parametrization, self.method = parametrization, method
-        self._calibration: Calibration | None = None  # the batches of the compression under way
         self.rounds = rounds
         self.compressed_epochs: list[int] = []  # the epoch of each round done
         self.reports: list[dict[str, Any]] = []  # CompressionReport.to_dict() of each compression
@@ -206,12 +199,10 @@ class LMDCompressionBase:
             self._check_metric(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._regularizing is not None and self._regularizing.due(trainer.global_step):
-            self._regularizing.arm(metric_map_layers(pl_module))
+        self.lmd.before_batch(trainer, pl_module)
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._regularizing is not None and self._regularizing.due(trainer.global_step):
-            self._regularize(trainer, pl_module)
+        self.lmd.after_backward(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._due(trainer.current_epoch):
@@ -223,9 +214,7 @@ class LMDCompressionBase:
             self._log_norms(pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._release(pl_module)
-        if self.fold_maps and metric_map_layers(pl_module):
-            self._fold(trainer, pl_module)
+        self.lmd.at_train_end(trainer, pl_module, self._info, self._warn)
         if self.guard is not None and self.guard["after"] is not None and self.metric in trainer.callback_metrics:
             self._report_final(float(trainer.callback_metrics[self.metric]))
         if trainer.loggers:
@@ -311,8 +300,7 @@ class LMDCompressionBase:
         why = self.convergence.reason if self.convergence.converged else f"epoch {trainer.current_epoch} reached"
         record, before = undo_record(pl_module), trainer_surgery.snapshot(trainer)
         try:
-            if self.data_metric is not None:
-                self._calibration = trainer_surgery.calibration(trainer, self.data_metric)
+            self.lmd.read_calibration(trainer)
             policy = self._choose_policy(trainer, pl_module, record)
             if policy is None:
                 self.failure = f"accuracy guard: no setting keeps the drop within {self.max_accuracy_drop}"
@@ -329,49 +317,20 @@ class LMDCompressionBase:
             self._warn(f"LMDCompression: compression failed, training continues dense. {self.failure}")
             return
         finally:
-            self._calibration = None  # do not keep the batches alive between rounds
+            self.lmd.drop_calibration()
         self._finish(trainer, report, why)
 
     def _apply(self, pl_module: pl.LightningModule, policy: RankPolicy) -> CompressionReport:
         return compress_(
             pl_module, policy, include=self.include, exclude=self.exclude, filter_fn=self.filter_fn,
             parametrization=self.parametrization, method=self.method,
-            metric=self.data_metric or "weight", calibration=self._calibration, metric_maps=self.metric_maps,
+            **self.lmd.compress_kwargs(),
         )
 
     def _release(self, pl_module: pl.LightningModule) -> None:
         """Leave the user's module as it was: strict loading given back, no hooks of ours left on it."""
         self._strict.give_back(pl_module)
-        if self._regularizing is not None:
-            self._regularizing.disarm()
-
-    def _fold(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Fold the maps into the factors, then rebuild the optimizers so that they hold no dropped map."""
-        record, before = undo_record(pl_module), trainer_surgery.snapshot(trainer)
-        try:
-            folded = fold_(pl_module)
-            trainer_surgery.rebuild(trainer, before)
-        except Exception as err:  # e.g. a diverged run's non-finite factors: keep the maps, say why
-            undo(pl_module, record)
-            trainer_surgery.restore(trainer, before)
-            self._warn(f"LMDCompression: the metric maps were left unfolded. {type(err).__name__}: {err}")
-            return
-        self._info(f"LMDCompression: folded the metric maps of {len(folded)} layers into their factors")
-
-    def _regularize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        layers = metric_map_layers(pl_module)
-        if not layers:
-            self._regularizing.disarm()
-            return
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        value = self._regularizing.add_gradients(
-            layers,
-            scale=1.0 / trainer.accumulate_grad_batches,
-            loss_scale=scaler.get_scale() if scaler is not None else None,  # the task loss's gradients carry it
-            reduce=lambda grad: trainer.strategy.reduce(grad, reduce_op="mean"),
-        )
-        if value is not None:
-            pl_module.log(f"lmd/reg/{self.regularizer.kind}", value, on_step=True, on_epoch=True)
+        self.lmd.release()
 
     def _choose_policy(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict) -> RankPolicy | None:
         """This round's policy; with a `monitor`, also the sweep, and the guard's search if asked for."""
@@ -415,8 +374,7 @@ class LMDCompressionBase:
         hparams = {
             "lmd/policy": repr(self.policy), "lmd/trigger": self.trigger, "lmd/rounds": self.rounds,
             "lmd/min_epochs": self.min_epochs, "lmd/parametrization": self.parametrization,
-            "lmd/metric": "weight" if self.data_metric is None else repr(self.data_metric),
-            "lmd/metric_maps": self.metric_maps, "lmd/regularizer": repr(self.regularizer),
+            **self.lmd.hparams(),
             "lmd/compressed_epochs": str(self.compressed_epochs),
         }
         ratio = self.reports[-1]["totals"]["compression_ratio"] if self.reports else 1.0
