@@ -170,9 +170,9 @@ class Calibration:
         self.context = context or nullcontext
         self.batches = []
         for batch in batches:
-            if settings.batches is not None and len(self.batches) >= settings.batches:
-                break
             self.batches.append(batch)
+            if settings.batches is not None and len(self.batches) >= settings.batches:
+                break  # before fetching one more
         if not self.batches:
             raise ValueError("`metric='data'` needs calibration data, but the calibration iterable yielded no batch")
 
