@@ -69,23 +69,22 @@ def test_never_worse_than_plain_truncation_on_calibration_outputs(seed, rank):
     assert data_error < plain_error  # and, on anisotropic inputs, strictly better
 
 
+def layer_and_inputs(seed: int) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+    """A float64 30→20 layer in a container, a copy of its weight, and 300 anisotropic inputs."""
+    torch.manual_seed(seed)
+    model = single(nn.Linear(30, 20, dtype=torch.float64))
+    return model, model[0].weight.detach().clone(), correlated_inputs(300, 30, seed)
+
+
 def test_report_error_is_the_relative_output_error_on_calibration_data():
-    torch.manual_seed(1)
-    layer = nn.Linear(30, 20, dtype=torch.float64)
-    W = layer.weight.detach().clone()
-    X = correlated_inputs(300, 30, 1)
-    model = single(layer)
+    model, W, X = layer_and_inputs(1)
     report = compress_(model, FixedRank(6), metric=DataMetric(damping=0.0, sequential=False), calibration=[X])
     measured = output_error(W, model[0].dense_weight().detach(), X) / float(torch.linalg.matrix_norm(W @ X.mT))
     assert report.layers[0].relative_error == pytest.approx(measured, rel=1e-6)
 
 
 def test_policies_see_the_spectrum_of_W_R():
-    torch.manual_seed(2)
-    layer = nn.Linear(30, 20, dtype=torch.float64)
-    W = layer.weight.detach().clone()
-    X = correlated_inputs(300, 30, 2)
-    model = single(layer)
+    model, W, X = layer_and_inputs(2)
     report = compress_(model, EnergyRank(0.9), metric=DataMetric(damping=0.0, sequential=False), calibration=[X])
     C = X.mT @ X / 300
     expected = torch.linalg.svdvals(W @ torch.linalg.cholesky(C))
