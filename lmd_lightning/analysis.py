@@ -139,9 +139,7 @@ def _input_rows(model: nn.Module, modules: list[nn.Module], calibration: Calibra
         chosen = torch.randperm(x.shape[0], generator=generator)[:per_batch].to(x.device)
         rows[module].append(x[chosen].float().cpu())
 
-    with calibration._running(model, {module: hook for module in modules}):
-        for batch in calibration.batches:
-            calibration._run(model, batch)
+    calibration.run(model, {module: hook for module in modules})
     return {module: torch.cat(parts)[:max_points] for module, parts in rows.items() if parts}
 
 

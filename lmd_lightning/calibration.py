@@ -14,7 +14,8 @@ W_ls = W·(M + δI)·C̃⁻¹, the objective is const + ‖(Ŵ − W_ls)·R‖²
 W_ls·R = W·(M + δI)·R⁺ᵀ. With X̃ = X_d this is the independent form above.
 
 Everything is accumulated as float64 moments (fan_in × fan_in per layer), never as stored rows;
-conv inputs are unfolded into their (in·kh·kw) patches.
+conv inputs are unfolded into their (in·kh·kw) patches. This module runs the calibration
+passes; data_metric.py holds the linear algebra.
 """
 
 from __future__ import annotations
@@ -31,13 +32,11 @@ from torch import Tensor, nn
 
 from lmd_lightning.factored import FactoredModule
 from lmd_lightning.factored_conv import _reversed_padding
-from lmd_lightning.svd import Factors, singular_values, truncated_svd
 
-__all__ = ["Calibration", "DataMetric", "METRICS", "default_forward", "layer_rows"]
+__all__ = ["Calibration", "DataMetric", "METRICS", "default_forward", "is_conv", "layer_rows", "layer_weight", "output_rows"]
 
 METRICS = ("weight", "data")
 ROW_CHUNK = 8192  # rows of unfolded inputs turned into float64 at a time
-EIG_TOL = 1e-12  # eigenvalues of C below this share of the largest count as zero (δ = 0 only)
 
 Forward = Callable[[nn.Module, Any], Any]
 
@@ -107,7 +106,8 @@ class DataMetric:
 # ---- layer inputs as rows of the (out, fan_in) matrix's input space ----
 
 
-def _is_conv(module: nn.Module) -> bool:
+def is_conv(module: nn.Module) -> bool:
+    """Conv2d or FactoredConv2d (anything with a kernel)."""
     return isinstance(module, nn.Conv2d) or hasattr(module, "kernel_size")
 
 
@@ -121,7 +121,7 @@ def _conv_padded(module: nn.Module, x: Tensor) -> tuple[Tensor, Any]:
 
 def layer_rows(module: nn.Module, x: Tensor) -> Tensor:
     """The layer's input as (rows, fan_in): flattened for Linear, unfolded k×k patches for Conv2d."""
-    if not _is_conv(module):
+    if not is_conv(module):
         return x.reshape(-1, x.shape[-1])
     if x.dim() == 3:
         x = x.unsqueeze(0)
@@ -130,11 +130,18 @@ def layer_rows(module: nn.Module, x: Tensor) -> Tensor:
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
+def output_rows(module: nn.Module, y: Tensor) -> Tensor:
+    """The layer's output as (rows, out), in the same row order as `layer_rows` of its input."""
+    if is_conv(module):  # (B, out, H', W') → rows in unfold's (b, position) order
+        return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+    return y.reshape(-1, y.shape[-1])
+
+
 def dense_forward(module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
     """The layer's output with its weight replaced by the dense (out, fan_in) `weight`."""
     weight = weight.to(x.dtype)
     bias = None if module.bias is None else module.bias.to(x.dtype)
-    if not _is_conv(module):
+    if not is_conv(module):
         return F.linear(x, weight, bias)
     x, padding = _conv_padded(module, x)
     kernel = weight.reshape(weight.shape[0], module.in_channels, *module.kernel_size)
@@ -205,13 +212,17 @@ class Calibration:
             _add_moment(moments[module], rows, rows)
             counts[module] += rows.shape[0]
 
-        with self._running(model, {module: hook for module in modules}):
-            for batch in self.batches:
-                self._run(model, batch)
+        self.run(model, {module: hook for module in modules})
         for module in order:
             moments[module] = self.reduce(moments[module])
             counts[module] = int(self.reduce(torch.tensor(float(counts[module]), dtype=torch.float64, device=moments[module].device)))
         return moments, counts, order
+
+    def run(self, model: nn.Module, hooks: Mapping[nn.Module, Callable]) -> None:
+        """One pass over every batch with forward `hooks` on the given modules (eval mode, no grad)."""
+        with self._running(model, hooks):
+            for batch in self.batches:
+                self._run(model, batch)
 
     def _run(self, model: nn.Module, batch: Any) -> None:
         with self.context():
@@ -259,94 +270,6 @@ class Calibration:
                 rows += dense.shape[0]
         total = self.reduce(torch.tensor(float(rows), dtype=torch.float64, device=dense_dense.device))
         return self.reduce(dense_dense), self.reduce(cross), self.reduce(trunc), int(total)
-
-
-# ---- the linear algebra ----
-
-
-@dataclass(frozen=True)
-class Whitening:
-    """C + δI = R·Rᵀ in C's eigenbasis: R = Q·√λ (fan_in, k) and R⁺ = (1/√λ)·Qᵀ (k, fan_in)."""
-
-    R: Tensor
-    R_pinv: Tensor
-    delta: float
-
-
-def whitening(moment: Tensor, rows: int, damping: float) -> Whitening:
-    """Factor C = moment/rows + δI, with δ = damping × mean diagonal of moment/rows (float64)."""
-    C = moment / max(rows, 1)
-    scale = float(C.diagonal().mean())
-    delta = damping * scale if scale > 0 else damping
-    C = C + delta * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-    lam, Q = torch.linalg.eigh((C + C.mT) / 2)
-    keep = lam > EIG_TOL * max(float(lam.max()), 0.0)
-    if not bool(keep.any()):
-        raise ValueError("the calibration inputs of this layer are all zero and `damping` is 0: no metric to truncate in")
-    root = lam[keep].sqrt()
-    Q = Q[:, keep]
-    return Whitening(R=Q * root, R_pinv=(Q / root).mT, delta=delta)
-
-
-@dataclass
-class LayerMoments:
-    """What one layer's data-metric truncation needs (all float64, divided by the row count)."""
-
-    dense: Tensor  # X_dᵀX_d/p, undamped
-    cross: Tensor  # X_dᵀX̃/p
-    white: Whitening  # of X̃ᵀX̃/p + δI
-
-    @classmethod
-    def independent(cls, moment: Tensor, rows: int, damping: float) -> LayerMoments:
-        C = moment / rows
-        return cls(C, C, whitening(moment, rows, damping))
-
-    @classmethod
-    def paired(cls, dense: Tensor, cross: Tensor, trunc: Tensor, rows: int, damping: float) -> LayerMoments:
-        return cls(dense / rows, cross / rows, whitening(trunc, rows, damping))
-
-    def target(self, weight: Tensor) -> Tensor:
-        """W_ls·R = W·(M + δI)·R⁺ᵀ (out, k): Eckart–Young on this gives the best Ŵ·R."""
-        W = weight.double()
-        eye = torch.eye(W.shape[1], dtype=W.dtype, device=W.device)
-        return W @ (self.cross + self.white.delta * eye) @ self.white.R_pinv.mT
-
-    def norm2(self, weight: Tensor) -> float:
-        """‖W·X_dᵀ‖²/p + δ‖W‖²: the objective of Ŵ = 0, what errors are relative to."""
-        W = weight.double()
-        return float((W @ self.dense * W).sum()) + self.white.delta * float(W.square().sum())
-
-
-def data_spectrum(weight: Tensor, moments: LayerMoments, name: str) -> Tensor:
-    """Singular values of W_ls·R: what a policy sees under metric="data"."""
-    return singular_values(moments.target(weight), name)
-
-
-def data_factors(weight: Tensor, moments: LayerMoments, rank: int, method: str, name: str) -> Factors:
-    """The rank-`rank` Ŵ = (W_ls·R)_r·R⁺ as canonical factors in `weight`'s dtype.
-
-    `error`/`norm` are in the data metric: √objective and √objective(Ŵ = 0), so `relative_error`
-    is the layer's relative output error on the calibration inputs (with the damping term).
-    """
-    A = moments.target(weight)
-    rank = min(rank, *A.shape)  # with damping 0 the metric may have fewer dimensions than fan_in
-    whitened = truncated_svd(A, rank, method=method, name=name)  # A_r = P·diag(σ)·Qᵀ
-    V_raw = moments.white.R_pinv.mT @ whitened.V  # (fan_in, r): Ŵ = P·diag(σ)·V_rawᵀ
-    Qv, Rv = torch.linalg.qr(V_raw)
-    P, sigma, Qh = torch.linalg.svd(whitened.s[:, None] * Rv.mT)  # the r×r core diag(σ)·Rvᵀ
-    norm2 = moments.norm2(weight)
-    kept = float(whitened.s.double().square().sum())
-    # objective(Ŵ) = norm2 − ‖A_r‖² (the residual of W_ls plus the Eckart–Young tail)
-    error = math.sqrt(max(norm2 - kept, 0.0))
-    dtype = weight.dtype
-    return Factors(
-        U=(whitened.U @ P).to(dtype).contiguous(),
-        s=sigma.to(dtype).contiguous(),
-        V=(Qv @ Qh.mT).to(dtype).contiguous(),
-        error=error,
-        norm=math.sqrt(max(norm2, 0.0)),
-        method=whitened.method,
-    )
 
 
 def layer_weight(module: nn.Module) -> Tensor:

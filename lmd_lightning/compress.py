@@ -19,9 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
-from lmd_lightning.calibration import (
-    Calibration, DataMetric, LayerMoments, data_factors, data_spectrum, layer_weight,
-)
+from lmd_lightning.calibration import Calibration, DataMetric, layer_weight
+from lmd_lightning.data_metric import LayerMoments, data_factors, data_spectrum
 from lmd_lightning.factored import PARAMETRIZATIONS, FactoredLinear, FactoredModule, copy_requires_grad
 from lmd_lightning.factored_conv import FactoredConv2d, conv_matrix
 from lmd_lightning.policies import LayerSpectrum, RankPolicy

@@ -54,7 +54,7 @@ class LMDProper:
         """Add the penalty's gradient: per accumulated batch, AMP-scaled like the loss, averaged over processes."""
         if self._run is None or not self._run.due(trainer.global_step):
             return
-        layers = metric_map_layers(pl_module)
+        layers = self._run.layers  # found once per step, in before_batch
         if not layers:
             self._run.disarm()
             return

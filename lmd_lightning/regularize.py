@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmd_lightning.calibration import layer_rows
+from lmd_lightning.calibration import layer_rows, output_rows
 from lmd_lightning.factored import FactoredModule
 
 __all__ = ["REGULARIZERS", "Regularizer", "identity_penalty", "knn_graph", "laplacian_penalty", "smoothness"]
@@ -143,14 +143,16 @@ class RegularizerRun:
         self.generator: torch.Generator | None = None  # made at first use: ddp_spawn pickles the callback
         self._handles: list[Any] = []
         self._rows: dict[str, tuple[Tensor, Tensor]] = {}
+        self.layers: dict[str, FactoredModule] = {}  # the map-carrying layers of the step under way
         self.last_value: float | None = None
 
     def due(self, step: int) -> bool:
         return step % self.settings.every_n_steps == 0
 
     def arm(self, layers: dict[str, FactoredModule]) -> None:
-        """Start capturing rows for this step (the Laplacian needs the layers' inputs and outputs)."""
+        """This step's layers; for the Laplacian, start capturing their inputs' and outputs' rows."""
         self.disarm()
+        self.layers = layers
         if self.settings.kind != "laplacian":
             return
         for name, layer in layers.items():
@@ -160,12 +162,7 @@ class RegularizerRun:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if name in self._rows or not module.training:
                 return
-            x = layer_rows(module, args[0].detach())
-            y = output.detach()
-            if hasattr(module, "kernel_size"):  # (B, out, H', W') → rows in unfold's (b, position) order
-                y = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
-            else:
-                y = y.reshape(-1, y.shape[-1])
+            x, y = layer_rows(module, args[0].detach()), output_rows(module, output.detach())
             if self.generator is None:
                 self.generator = torch.Generator().manual_seed(self.seed)
             chosen = torch.randperm(x.shape[0], generator=self.generator)[: self.settings.points].to(x.device)
