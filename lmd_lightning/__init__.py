@@ -20,7 +20,9 @@ from lmd_lightning.policies import (
     GlobalBudget,
     RankPolicy,
     RankRatio,
+    StableRank,
 )
+from lmd_lightning.stable_rank import StableRankMonitor
 from lmd_lightning.regularize import Regularizer
 from lmd_lightning.report import CompressionReport, LayerReport
 
@@ -43,6 +45,8 @@ __all__ = [
     "RankPolicy",
     "RankRatio",
     "Regularizer",
+    "StableRank",
+    "StableRankMonitor",
     "__version__",
     "add_metric_maps_",
     "compress_",

@@ -10,29 +10,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from lmd_lightning import trainer_surgery
-from lmd_lightning.calibration import DataMetric
+from lmd_lightning.calibration import DataMetric, layer_weight
 from lmd_lightning.checkpoint import StrictLoadingHold
 from lmd_lightning.compress import compress_
 from lmd_lightning.convergence import ConvergenceMonitor, GradNormMeter
 from lmd_lightning.factored import PARAMETRIZATIONS
 from lmd_lightning.guard import check_guard_arguments, measure_and_guard
-from lmd_lightning.policies import RankPolicy
+from lmd_lightning.policies import RankPolicy, StableRank
 from lmd_lightning.lmd_proper import LMDProper
 from lmd_lightning.regularize import Regularizer
 from lmd_lightning.report import CompressionReport
 from lmd_lightning.schedule import Schedule, default_last_epoch
+from lmd_lightning.stable_rank import StableRankMonitor
 from lmd_lightning.svd import METHODS
 from lmd_lightning.targets import FilterFn, Patterns, find_targets, undo, undo_record
 
 __all__ = ["LMDCompression", "LMDCompressionBase"]
 
-TRIGGERS = ("grad_norm", "epoch")
+TRIGGERS = ("grad_norm", "epoch", "stable_rank")
 
 
 def _check_int(value: Any, arg: str, low: int, optional: bool = False) -> None:
@@ -51,7 +53,11 @@ class LMDCompressionBase:
     Args:
         policy: how many singular values each layer keeps (EnergyRank, GlobalBudget, …).
         trigger: "grad_norm" (a ConvergenceMonitor with its defaults), "epoch" (compress exactly
-            at `min_epochs`, the Pufferfish baseline) or a configured ConvergenceMonitor.
+            at `min_epochs`, the Pufferfish baseline), "stable_rank" (a StableRankMonitor with its
+            defaults: once every targeted layer's stable rank has settled, the Cuttlefish switch;
+            one round only), or a configured ConvergenceMonitor / StableRankMonitor. With
+            "stable_rank" each layer's ξ is measured when fit starts and given to a `StableRank`
+            policy that has no `scales` of its own.
         include / exclude / filter_fn: which layers, as in `compress_`.
         min_epochs: epochs of dense training before compression may happen.
         max_epochs: the epoch at which compression is forced if the monitor has not fired.
@@ -93,7 +99,7 @@ class LMDCompressionBase:
     def __init__(
         self,
         policy: RankPolicy,
-        trigger: str | ConvergenceMonitor = "grad_norm",
+        trigger: str | ConvergenceMonitor | StableRankMonitor = "grad_norm",
         include: Patterns = None,
         exclude: Patterns = None,
         filter_fn: FilterFn | None = None,
@@ -117,8 +123,10 @@ class LMDCompressionBase:
     ) -> None:
         if not isinstance(policy, RankPolicy):
             raise TypeError(f"`policy` must be a RankPolicy (EnergyRank, FixedRank, GlobalBudget, …), got {policy!r}")
-        if not isinstance(trigger, ConvergenceMonitor) and trigger not in TRIGGERS:
-            raise ValueError(f"`trigger` must be one of {TRIGGERS} or a ConvergenceMonitor, got {trigger!r}")
+        if not isinstance(trigger, (ConvergenceMonitor, StableRankMonitor)) and trigger not in TRIGGERS:
+            raise ValueError(
+                f"`trigger` must be one of {TRIGGERS}, a ConvergenceMonitor or a StableRankMonitor, got {trigger!r}"
+            )
         _check_int(min_epochs, "min_epochs", 0)
         _check_int(max_epochs, "max_epochs", 0, optional=True)
         if max_epochs is not None and max_epochs < min_epochs:
@@ -127,6 +135,10 @@ class LMDCompressionBase:
         _check_int(rounds, "rounds", 1)
         if rounds > 1 and policy.knob is None:
             raise ValueError(f"`rounds`={rounds} needs a policy with a knob to spread over rounds; {policy!r} has none")
+        if rounds > 1:
+            policy.for_round(rounds, rounds)  # raises for a policy that cannot be spread over rounds
+        if rounds > 1 and (trigger == "stable_rank" or isinstance(trigger, StableRankMonitor)):
+            raise ValueError(f"`rounds`={rounds}: the stable-rank trigger switches once; use rounds=1")
         if parametrization not in PARAMETRIZATIONS:
             raise ValueError(f"`parametrization` must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
         if method not in METHODS:
@@ -146,8 +158,10 @@ class LMDCompressionBase:
             raise TypeError(f"`per_layer_norms` must be a bool, got {per_layer_norms!r}")
         self.per_layer_norms = per_layer_norms
         self.policy = policy
-        self.trigger = trigger if isinstance(trigger, str) else "grad_norm"
+        self.trigger = trigger if isinstance(trigger, str) else (
+            "stable_rank" if isinstance(trigger, StableRankMonitor) else "grad_norm")
         self.convergence = trigger if isinstance(trigger, ConvergenceMonitor) else ConvergenceMonitor()
+        self.stable_ranks = trigger if isinstance(trigger, StableRankMonitor) else StableRankMonitor()
         self.include, self.exclude, self.filter_fn = include, exclude, filter_fn
         self.min_epochs, self.max_epochs, self.every_n_steps = min_epochs, max_epochs, every_n_steps
         self.parametrization, self.method = parametrization, method
@@ -183,6 +197,8 @@ class LMDCompressionBase:
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._strict.give_back(pl_module)
+        if self.trigger == "stable_rank" and not self.compressed and not self.stable_ranks.started:
+            self.stable_ranks.start(self._target_weights(pl_module))  # ξ from the initial weights
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release(pl_module)  # also when no checkpoint was loaded
@@ -212,6 +228,8 @@ class LMDCompressionBase:
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.trigger == "grad_norm" and self.convergence.ema is not None:
             self._log_norms(pl_module)
+        if self.trigger == "stable_rank" and not self.compressed and self.stable_ranks.started:
+            self._measure_stable_ranks(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.lmd.at_train_end(trainer, pl_module, self._info, self._warn)
@@ -228,6 +246,7 @@ class LMDCompressionBase:
             "guard": self.guard,
             "sweep": self.sweep,
             "convergence": self.convergence.state_dict(),
+            "stable_rank": self.stable_ranks.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -235,6 +254,8 @@ class LMDCompressionBase:
         self.reports, self.failure, self.guard = state_dict["reports"], state_dict["failure"], state_dict["guard"]
         self.sweep = state_dict["sweep"]
         self.convergence.load_state_dict(state_dict["convergence"])
+        if "stable_rank" in state_dict:  # absent from checkpoints written before the trigger existed
+            self.stable_ranks.load_state_dict(state_dict["stable_rank"])
 
     # ---- the work ----
 
@@ -271,8 +292,26 @@ class LMDCompressionBase:
         """The epoch of the latest round."""
         return self.compressed_epochs[-1] if self.compressed_epochs else None
 
+    @property
+    def _monitor(self) -> ConvergenceMonitor | StableRankMonitor:
+        """The monitor whose `converged` and `reason` the trigger follows."""
+        return self.stable_ranks if self.trigger == "stable_rank" else self.convergence
+
     def _due(self, epoch: int) -> bool:
-        return self.failure is None and self._schedule.due(epoch, self.compressed_epochs, self.convergence.converged)
+        return self.failure is None and self._schedule.due(epoch, self.compressed_epochs, self._monitor.converged)
+
+    def _target_weights(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        targets = find_targets(pl_module, self.include, self.exclude, self.filter_fn)
+        return {t.name: layer_weight(t.module) for t in targets if t.skip_reason is None}
+
+    def _measure_stable_ranks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        monitor = self.stable_ranks
+        if monitor.update(self._target_weights(pl_module), trainer.current_epoch) and monitor.converged_epoch == trainer.current_epoch:
+            self._info(f"LMDCompression: converged after epoch {trainer.current_epoch} ({monitor.reason}). Compressing next.")
+        if monitor.change is not None:
+            pl_module.log("lmd/stable_rank_change", monitor.change)
+        for name, value in monitor.latest.items():
+            pl_module.log(f"lmd/stable_rank/{name}", value)
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         norm, layers = self._meter.measure(trainer_surgery.gradient_unscale_factor(trainer, optimizer))
@@ -297,7 +336,7 @@ class LMDCompressionBase:
         self._metric_checked = True
 
     def _compress(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        why = self.convergence.reason if self.convergence.converged else f"epoch {trainer.current_epoch} reached"
+        why = self._monitor.reason if self._monitor.converged else f"epoch {trainer.current_epoch} reached"
         record, before = undo_record(pl_module), trainer_surgery.snapshot(trainer)
         try:
             self.lmd.read_calibration(trainer)
@@ -335,6 +374,8 @@ class LMDCompressionBase:
     def _choose_policy(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict) -> RankPolicy | None:
         """This round's policy; with a `monitor`, also the sweep, and the guard's search if asked for."""
         policy = self.policy.for_round(self.round + 1, self.rounds)
+        if self.trigger == "stable_rank" and isinstance(policy, StableRank) and policy.scales is None:
+            policy = dataclasses.replace(policy, scales=dict(self.stable_ranks.scales))
         if not self.metric:
             return policy
         outcome = measure_and_guard(

@@ -12,7 +12,7 @@ import abc
 import dataclasses
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,6 +29,7 @@ __all__ = [
     "PerLayerPolicy",
     "RankPolicy",
     "RankRatio",
+    "StableRank",
 ]
 
 
@@ -229,6 +230,42 @@ class EffectiveRank(PerLayerPolicy):
         p = s[s > 0] / total
         erank = math.exp(float(-(p * p.log()).sum()))
         return max(1, math.ceil(erank - 1e-9))
+
+
+@dataclass(frozen=True)
+class StableRank(PerLayerPolicy):
+    """r = ⌈multiplier · ξ · ‖W‖_F²/σ₁²⌉: the scaled stable rank of Cuttlefish (Wang et al., 2023).
+
+    ξ is per layer, min(m, n)/srank(W₀) of the weights at initialization (`scales`, layer name →
+    ξ). `LMDCompression(trigger="stable_rank")` measures them when training starts and fills them
+    in when `scales` is None; elsewhere a layer missing from `scales` uses ξ = 1 (the plain stable rank).
+    """
+
+    multiplier: float = 1.0  # on every layer's ξ·srank: > 1 keeps more, < 1 compresses harder
+    scales: Mapping[str, float] | None = None  # layer name → ξ; None: filled in by the callback, else 1
+
+    knob: ClassVar[str] = "multiplier"
+    knob_range: ClassVar[tuple[float, float]] = (8.0, 0.125)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.multiplier, bool) or not isinstance(self.multiplier, (int, float)) or not self.multiplier > 0:
+            raise ValueError(f"`multiplier` must be a number > 0, got {self.multiplier!r}")
+        if self.scales is not None and not (
+            isinstance(self.scales, Mapping)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in self.scales.values())
+        ):
+            raise ValueError(f"`scales` must map layer names to numbers > 0, got {self.scales!r}")
+        super().__post_init__()
+
+    def _round_knob(self, k: int, rounds: int) -> float:
+        raise ValueError("StableRank is relative to the weights at initialization, not to what is left; use rounds=1")
+
+    def rank_for(self, layer: LayerSpectrum) -> int:
+        s2 = layer.s.double().square()
+        if float(s2[0]) == 0.0:
+            return 1
+        scale = 1.0 if self.scales is None else float(self.scales.get(layer.name, 1.0))
+        return max(1, math.ceil(self.multiplier * scale * float(s2.sum() / s2[0]) - 1e-9))
 
 
 @dataclass(frozen=True)

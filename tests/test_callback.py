@@ -137,7 +137,7 @@ def test_model_without_candidates_raises_listing_modules() -> None:
     ("kwargs", "error", "match"),
     [
         ({"policy": "energy"}, TypeError, r"`policy` must be a RankPolicy"),
-        ({"trigger": "loss"}, ValueError, r"`trigger` must be one of \('grad_norm', 'epoch'\)"),
+        ({"trigger": "loss"}, ValueError, r"`trigger` must be one of \('grad_norm', 'epoch', 'stable_rank'\)"),
         ({"min_epochs": -1}, ValueError, r"`min_epochs` must be an int >= 0, got -1"),
         ({"max_epochs": 1.5}, ValueError, r"`max_epochs` must be None or an int >= 0, got 1.5"),
         ({"min_epochs": 5, "max_epochs": 3}, ValueError, r"`max_epochs` \(3\) must be >= `min_epochs` \(5\)"),

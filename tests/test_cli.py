@@ -81,6 +81,18 @@ def test_grad_norm_trigger_through_lmd_train(tmp_path: Path) -> None:
     assert results["compressed_epochs"][0] < 3 and "‖∇L‖ EMA" in results["reports"][0]["trigger"]
 
 
+def test_stable_rank_trigger_through_lmd_train(tmp_path: Path) -> None:
+    """The Cuttlefish switch from the command line: trigger=stable_rank with its scaled-stable-rank policy."""
+    tiny = [o for o in TINY if o != "trigger=epoch"]
+    cfg = compose_config(overrides=(
+        *tiny, "data=synthetic", "logger=none", "trigger=stable_rank", "compression=stable_rank",
+        "trigger.tol=0.9", "trigger.patience=1", "trainer.max_epochs=4", "callback.max_epochs=3",
+    ), output_dir=tmp_path)
+    results = train(cfg)
+    assert results["compressed_epochs"] == [1] and "stable ranks changed" in results["reports"][0]["trigger"]
+    assert "scales={'net." in results["reports"][0]["policy"]
+
+
 def test_finetune_a_checkpoint_and_compress_it_further(tmp_path: Path) -> None:
     first = run_train(tmp_path / "train", "data=synthetic", "logger=none", "compression=fixed", "compression.rank=32")
     checkpoint = torch.load(first["checkpoint"], weights_only=True)

@@ -13,7 +13,7 @@ from hydra.errors import InstantiationException, MissingConfigException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
-from lmd_lightning import ConvergenceMonitor, DataMetric, LMDCompression, RankPolicy, Regularizer
+from lmd_lightning import StableRank, StableRankMonitor, ConvergenceMonitor, DataMetric, LMDCompression, RankPolicy, Regularizer
 from lmd_lightning.cli import config_dir, recipe_dir, register_recipes
 
 GROUPS = ("model", "data", "compression", "trigger", "trainer", "logger", "callback", "checkpoint", "paths")
@@ -35,8 +35,8 @@ def test_config_tree_ships_with_the_package() -> None:
     assert {"train.yaml", "finetune.yaml", "export.yaml"} <= {path.name for path in config_dir().glob("*.yaml")}
     assert options("model") == ["cnn1d", "lenet300", "mlp", "resnet18", "transformer"]
     assert options("data") == ["cifar10", "mnist", "mnist1d", "synthetic"]
-    assert options("compression") == ["budget", "energy", "error_bound", "fixed", "none"]
-    assert options("trigger") == ["epoch", "grad_norm"]
+    assert options("compression") == ["budget", "energy", "error_bound", "fixed", "none", "stable_rank"]
+    assert options("trigger") == ["epoch", "grad_norm", "stable_rank"]
     assert options("trainer") == ["cpu", "ddp", "gpu"]
     assert options("logger") == ["csv", "none", "tensorboard"]
     recipes = {"mnist1d_mlp", "mnist1d_cnn", "mnist1d_transformer", "cifar10_resnet", "mnist_lenet300"}
@@ -115,6 +115,11 @@ def test_callback_and_trigger_configs_mirror_their_signatures() -> None:
     assert callback.convergence.window == cfg.trigger.window and callback.exclude == "*head"
     by_epoch = instantiate(compose_config(overrides=("trigger=epoch",)).callback)
     assert by_epoch.trigger == "epoch"
+    cuttlefish = compose_config(overrides=("trigger=stable_rank", "compression=stable_rank", "trigger.tol=0.05"))
+    assert set(cuttlefish.trigger) - {"_target_"} == set(inspect.signature(StableRankMonitor.__init__).parameters) - {"self"}
+    callback = instantiate(cuttlefish.callback)
+    assert callback.trigger == "stable_rank" and callback.stable_ranks.tol == 0.05
+    assert callback.policy == StableRank()
 
 
 def test_compression_none_means_no_policy() -> None:
