@@ -19,23 +19,17 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from benchmarks.common import device_args, markdown_table, write_result
+from benchmarks.common import command, device_args, markdown_table, write_result
+from benchmarks.mnist1d import build, mean_std
 from lmd_lightning import DataMetric, GlobalBudget, LMDCompression, Regularizer
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Shares of the targeted layers' parameters kept: the recipe's setting, then a harsher one where
 # one-shot truncation loses accuracy. The regularizers run at the last budget of each list.
 BUDGETS = {"mlp": (0.2, 0.05), "cnn": (0.5, 0.25), "transformer": (0.5,)}
-MODEL_CONFIGS = {"mlp": "mlp", "cnn": "cnn1d", "transformer": "transformer"}
 
 TRUNCATION = {  # variant → LMDCompression keyword arguments
     "weight (Eckart–Young)": {},
@@ -49,15 +43,6 @@ REGULARIZERS = {
     "maps + laplacian λ=0.1": {"metric_maps": True, "regularizer": Regularizer("laplacian", 0.1)},
     "maps + laplacian λ=1": {"metric_maps": True, "regularizer": Regularizer("laplacian", 1.0)},
 }
-
-
-def build(model: str, quick: bool) -> tuple[pl.LightningModule, pl.LightningDataModule]:
-    cfg = OmegaConf.load(CONFIGS / "model" / f"{MODEL_CONFIGS[model]}.yaml")
-    data_cfg = OmegaConf.load(CONFIGS / "data" / "mnist1d.yaml")
-    data_cfg.data_dir = None  # $LMD_DATA_DIR or the user cache
-    if quick:
-        data_cfg.num_samples = 1000
-    return instantiate(cfg), instantiate(data_cfg)
 
 
 def trainer(epochs: int, callbacks: list) -> pl.Trainer:
@@ -94,11 +79,6 @@ def dense_state(model: str, epochs: int, seed: int, quick: bool) -> tuple[dict, 
     return copy.deepcopy(net.state_dict()), sum(p.numel() for p in net.parameters())
 
 
-def _ms(values: list[float]) -> str:
-    spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.1f}{spread}"
-
-
 def table(results: dict[str, list[dict]], dense_params: int) -> str:
     """One row per variant; test accuracy only where no λ was chosen, or for the chosen λ."""
     chosen = set()
@@ -110,10 +90,10 @@ def table(results: dict[str, list[dict]], dense_params: int) -> str:
     for name, runs in results.items():
         col = {key: [r[key] for r in runs] for key in runs[0]}
         tuned = "λ=" in name
-        test = _ms(col["test"]) if not tuned or name in chosen else "(not chosen)"
+        test = mean_std(col["test"]) if not tuned or name in chosen else "(not chosen)"
         rows.append([
             name + (" ✓" if name in chosen else ""), f"{int(statistics.mean(col['params'])):,}",
-            _ms(col["dense"]), _ms(col["one_shot"]), _ms(col["val"]), test, f"{statistics.mean(col['seconds']):.0f}",
+            mean_std(col["dense"]), mean_std(col["one_shot"]), mean_std(col["val"]), test, f"{statistics.mean(col['seconds']):.0f}",
         ])
     header = ["variant", f"params (dense {dense_params:,})", "val dense", "val one-shot", "val fine-tuned",
               "test fine-tuned", "fine-tune s"]
@@ -159,9 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         body = __doc__.split("\n\n", 2)[2] + "\n" + "\n\n".join(sections)  # rewritten after each model
         name = "lmd_quick" if args.quick else known.out
-        given = sys.argv[1:] if argv is None else argv
-        command = "python -m benchmarks.bench_lmd " + " ".join(given)
-        path = write_result(name, "LMD proper: data-metric truncation and metric-map regularizers", body, command.strip())
+        path = write_result(name, "LMD proper: data-metric truncation and metric-map regularizers", body, command("bench_lmd", argv))
     print(path.read_text())
 
 

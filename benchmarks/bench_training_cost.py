@@ -17,7 +17,6 @@ import statistics
 import time
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback
 
 from benchmarks.common import device_args, markdown_table, write_result

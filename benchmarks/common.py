@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -75,6 +76,12 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]], align: 
             raise ValueError(f"row with {len(row)} cells in a table of {len(header)} columns: {row}")
         lines.append(markdown_row(row))
     return "\n".join(lines)
+
+
+def command(module: str, argv: list[str] | None) -> str:
+    """How to reproduce a run: `python -m benchmarks.<module>` and its arguments (sys.argv's when `argv` is None)."""
+    given = sys.argv[1:] if argv is None else argv
+    return " ".join(["python -m benchmarks." + module, *given])
 
 
 def write_result(name: str, title: str, body: str, command: str, device: str = "cpu") -> Path:

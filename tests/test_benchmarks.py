@@ -1,31 +1,77 @@
-"""Benchmarks in their --quick form: they run and write their tables (timings are never asserted)."""
+"""`python -m benchmarks.run --suite all --quick`: every benchmark runs and writes its tables (timings are never asserted)."""
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks import bench_lmd, bench_training_cost
+from benchmarks import bench_quality, run
 from benchmarks.common import RESULTS
 
+QUICK_FILES = {
+    "quality_quick.md", "figures/quality_quick_mlp.png", "training_cost_quick.md", "callback_overhead_quick.md",
+    "overheads_quick.md", "svd_speed_quick.md", "memory_quick.md", "scaling_quick.md", "factored_speed_quick.md",
+    "lmd_quick.md", "convergence_quick.md", "parametrization_quick.md",
+}
+
+
+def rows(name: str) -> dict[str, list[str]]:
+    """First cell → the other cells, for every table row of a result file (header rows included)."""
+    lines = (RESULTS / name).read_text().splitlines()
+    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines if line.startswith("| ")}
+
+
+def count(cell: str) -> float:
+    return float(cell.split()[0].replace(",", "").rstrip("×"))
+
+
+@pytest.fixture(scope="module")
+def written() -> set[str]:
+    return {path.removeprefix("results/") for path in run.main(["--suite", "all", "--quick"])}
+
 
 @pytest.mark.slow
-def test_training_cost_quick_writes_its_table() -> None:
-    bench_training_cost.main(["--quick"])
-    text = (RESULTS / "training_cost_quick.md").read_text()
-    assert "torch " in text and "threads:" in text  # the machine header
-    rows = [line for line in text.splitlines() if line.startswith("| dense") or line.startswith("| compress")]
-    assert len(rows) == 2
-    dense, compressed = (row.split("|")[2].strip().replace(",", "") for row in rows)
-    assert int(compressed) < int(dense) == 7434  # 40→64→64→10: the compressed run really is smaller
+def test_quick_suite_writes_every_table_with_the_machine_header(written: set[str]) -> None:
+    assert QUICK_FILES <= written
+    for name in QUICK_FILES - {"figures/quality_quick_mlp.png"}:
+        text = (RESULTS / name).read_text()
+        assert "torch " in text and "threads:" in text and "reproduce: `python -m benchmarks." in text, name
+    assert (RESULTS / "figures/quality_quick_mlp.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow
-def test_lmd_quick_writes_its_table() -> None:
-    bench_lmd.main(["--quick"])
-    text = (RESULTS / "lmd_quick.md").read_text()
-    assert "torch " in text and "threads:" in text
-    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines() if line.startswith("| ")}
-    assert {"weight (Eckart–Young)", "data, independent", "data, sequential", "maps + laplacian λ=1 ✓"} <= set(rows)
-    params = {name: int(cells[0].strip().replace(",", "")) for name, cells in rows.items() if name != "variant"}
+def test_quick_quality_table_has_every_contender_at_the_sizes_it_promises(written: set[str]) -> None:
+    table = rows("quality_quick.md")
+    assert set(bench_quality.ORDER) <= set(table)
+    params = {name: count(table[name][0]) for name in bench_quality.ORDER}
+    assert params["dense"] == 551_434  # the recipe's MLP, 40→512×3→10
+    budget = params[bench_quality.BUDGET_RUN]
+    assert budget < 0.25 * params["dense"]  # GlobalBudget(params=0.2) of the targeted layers
+    assert params["one-shot SVD after training (weight)"] == params["one-shot SVD after training (data)"] == budget
+    assert abs(params["ModelPruning (L1, equal params)"] - budget) < 0.01 * budget  # non-zero weights after pruning
+    assert abs(params["small dense (equal params)"] - budget) < 0.01 * budget  # the narrowed width's count
+    assert all(count(cells[5]) <= 100 for name, cells in table.items() if name in params)  # test accuracy in %
+
+
+@pytest.mark.slow
+def test_quick_cost_memory_and_scaling_tables_show_the_factored_side_smaller(written: set[str]) -> None:
+    cost = rows("training_cost_quick.md")
+    assert count(cost["compress at convergence + fine-tune"][0]) < count(cost["dense"][0]) == 7434  # 40→64→64→10
+    # memory: one row per (contender, epoch), all starting with the width
+    lines = [line.split("|")[1:-1] for line in (RESULTS / "memory_quick.md").read_text().splitlines() if line.startswith("| 256")]
+    by = {(cells[1].strip(), cells[2].strip()[0]): cells for cells in lines}
+    dense_params, factored_params = (count(by[key][3]) for key in (("dense", "1"), ("factored r = width/4", "1")))
+    assert factored_params < 0.6 * dense_params == 0.6 * count(by[("dense", "0")][3])
+    for cells in lines:  # Adam keeps two moments per parameter
+        assert count(cells[6]) == pytest.approx(2 * count(cells[4]), abs=0.1)
+    scaling = rows("scaling_quick.md")
+    dense_mib, factored_mib = (float(x) for x in scaling["512 (64)"][0].split(" → "))
+    assert factored_mib == pytest.approx(dense_mib / 4, rel=0.01)  # r = n/8 keeps a quarter
+
+
+@pytest.mark.slow
+def test_quick_lmd_table_compares_the_truncations_at_one_budget(written: set[str]) -> None:
+    table = rows("lmd_quick.md")
+    assert {"weight (Eckart–Young)", "data, independent", "data, sequential", "maps + laplacian λ=1 ✓"} <= set(table)
+    params = {name: count(cells[0]) for name, cells in table.items() if name != "variant"}
     # the same GlobalBudget(params=0.2) for every variant: each ends near 20% of the 546k targeted parameters
-    assert all(100_000 < count < 125_000 for count in params.values()), params
+    assert all(100_000 < value < 125_000 for value in params.values()), params
