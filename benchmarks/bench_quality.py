@@ -1,6 +1,6 @@
 """Compression quality against the field's baselines: accuracy vs parameters and vs CPU latency.
 
-    python -m benchmarks.bench_quality [--quick] [--models mlp cnn transformer] [--seeds 0 1 2] [--epochs 40 40 20]
+    python -m benchmarks.bench_quality [--quick] [--models mlp cnn transformer] [--seeds 0 1 2] [--epochs 40 40 40]
 
 Every contender trains the recipe's MNIST-1D model and optimizer (configs/model/*.yaml) for the same
 number of epochs from the same seed, in this one process; the seeds alternate, so drift on the
@@ -10,7 +10,8 @@ Conv2d but the head):
 - dense: no compression;
 - one-shot SVD after training: the dense model at the end, `compress_` to the GlobalBudget below,
   no fine-tuning, in the weights' metric (Eckart–Young) and in the data's (`metric="data"`);
-- Pufferfish-style: `trigger="epoch"` at 80/300 of the epochs (Pufferfish's CIFAR-10 warm-up), `RankRatio(0.25)`;
+- Pufferfish-style: `trigger="epoch"` at 80/300 of the epochs (Pufferfish's CIFAR-10 warm-up),
+  `RankRatio(0.25)` on the same layers (Pufferfish itself keeps its first layers full-rank);
 - Cuttlefish-style: `trigger="stable_rank"` with the scaled stable rank `StableRank()`;
 - lmd_lightning: the ‖∇L‖ trigger (defaults) with the recipes' EnergyRank(0.7), ErrorBound(0.3)
   and GlobalBudget (MLP 0.2, CNN 0.5, transformer 0.5: chosen on validation in recipes_mnist1d.md),
@@ -21,10 +22,10 @@ Conv2d but the head):
 - small dense: the same architecture narrowed (MLP widths, CNN channels, transformer dim) to the
   width whose parameter count is nearest that run's, trained from scratch.
 
-Validation (400 samples) runs once, at the end; test (1,000) is reported once, for every contender
-(no hyper-parameter is chosen here). Latency: the final model's forward pass on a batch of 256 in
-eval mode under `torch.inference_mode`, the median of 3 alternating passes over all of a seed's
-contenders, each the median of 10 runs. Pruned models are timed as they are, dense tensors with
+Every seed's numbers are in quality.json. Validation (400 samples) runs once, at the end; test
+(1,000) is reported once, for every contender (no hyper-parameter is chosen here). Latency: the
+final model's forward pass on a batch of 256 in eval mode under `torch.inference_mode`, the
+median of 3 alternating passes over all of a seed's contenders, each the median of 10 runs. Pruned models are timed as they are, dense tensors with
 zeros: unstructured sparsity gives no speed-up without sparse kernels.
 """
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import statistics
 import time
@@ -49,7 +51,7 @@ from lmd_lightning import (
 from lmd_lightning.targets import find_targets
 
 BUDGET = {"mlp": 0.2, "cnn": 0.5, "transformer": 0.5}
-EPOCHS = {"mlp": 40, "cnn": 40, "transformer": 20}
+EPOCHS = {"mlp": 40, "cnn": 40, "transformer": 40}  # the recipes' max_epochs
 LATENCY_BATCH = 256
 BUDGET_RUN = "‖∇L‖ + GlobalBudget"
 TRAINED = {  # contender → its LMDCompression (None: dense); `epochs` is the run's length
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--models", nargs="+", choices=tuple(BUDGET), default=list(BUDGET))
     extra.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    extra.add_argument("--epochs", type=int, nargs="+", default=None, help="one per model (default: 40 40 20)")
+    extra.add_argument("--epochs", type=int, nargs="+", default=None, help="one per model (default: 40 each, as the recipes)")
     extra.add_argument("--out", default="quality", help="result file name: benchmarks/results/<out>.md")
     known, rest = extra.parse_known_args(argv)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # one line per run is printed below
@@ -240,12 +242,14 @@ def main(argv: list[str] | None = None) -> None:
     name = "quality_quick" if args.quick else known.out
     figures = RESULTS / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    sections = []
+    sections, raw = [], {}
     for model in models:
         results: dict[str, list[dict]] = {}
         for seed in seeds:
             for contender, run in run_seed(model, seed, epochs[model], args.quick).items():
                 results.setdefault(contender, []).append({k: v for k, v in run.items() if k != "net"})
+        raw[model] = results
+        (RESULTS / f"{name}.json").write_text(json.dumps(raw, indent=1))  # every seed's numbers, for re-plotting
         figure = figures / f"{name}_{model}.png"
         pareto_plot(results, model, figure)
         sections.append(

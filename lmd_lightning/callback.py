@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytorch_lightning as pl
@@ -20,10 +19,10 @@ from lmd_lightning import trainer_surgery
 from lmd_lightning.calibration import DataMetric, layer_weight
 from lmd_lightning.checkpoint import StrictLoadingHold
 from lmd_lightning.compress import compress_
-from lmd_lightning.convergence import ConvergenceMonitor, GradNormMeter
+from lmd_lightning.convergence import ConvergenceMonitor
 from lmd_lightning.factored import PARAMETRIZATIONS
 from lmd_lightning.guard import check_guard_arguments, measure_and_guard
-from lmd_lightning.policies import RankPolicy, StableRank
+from lmd_lightning.policies import RankPolicy
 from lmd_lightning.lmd_proper import LMDProper
 from lmd_lightning.regularize import Regularizer
 from lmd_lightning.report import CompressionReport
@@ -31,10 +30,9 @@ from lmd_lightning.schedule import Schedule, default_last_epoch
 from lmd_lightning.stable_rank import StableRankMonitor
 from lmd_lightning.svd import METHODS
 from lmd_lightning.targets import FilterFn, Patterns, find_targets, undo, undo_record
+from lmd_lightning.trigger import TriggerWatch
 
 __all__ = ["LMDCompression", "LMDCompressionBase"]
-
-TRIGGERS = ("grad_norm", "epoch", "stable_rank")
 
 
 def _check_int(value: Any, arg: str, low: int, optional: bool = False) -> None:
@@ -123,21 +121,18 @@ class LMDCompressionBase:
     ) -> None:
         if not isinstance(policy, RankPolicy):
             raise TypeError(f"`policy` must be a RankPolicy (EnergyRank, FixedRank, GlobalBudget, …), got {policy!r}")
-        if not isinstance(trigger, (ConvergenceMonitor, StableRankMonitor)) and trigger not in TRIGGERS:
-            raise ValueError(
-                f"`trigger` must be one of {TRIGGERS}, a ConvergenceMonitor or a StableRankMonitor, got {trigger!r}"
-            )
+        self._watch = TriggerWatch(trigger, every_n_steps, per_layer_norms)
+        self.trigger, self.convergence, self.stable_ranks = self._watch.kind, self._watch.convergence, self._watch.stable_ranks
         _check_int(min_epochs, "min_epochs", 0)
         _check_int(max_epochs, "max_epochs", 0, optional=True)
         if max_epochs is not None and max_epochs < min_epochs:
             raise ValueError(f"`max_epochs` ({max_epochs}) must be >= `min_epochs` ({min_epochs})")
-        _check_int(every_n_steps, "every_n_steps", 1)
         _check_int(rounds, "rounds", 1)
         if rounds > 1 and policy.knob is None:
             raise ValueError(f"`rounds`={rounds} needs a policy with a knob to spread over rounds; {policy!r} has none")
         if rounds > 1:
             policy.for_round(rounds, rounds)  # raises for a policy that cannot be spread over rounds
-        if rounds > 1 and (trigger == "stable_rank" or isinstance(trigger, StableRankMonitor)):
+        if rounds > 1 and self.trigger == "stable_rank":
             raise ValueError(f"`rounds`={rounds}: the stable-rank trigger switches once; use rounds=1")
         if parametrization not in PARAMETRIZATIONS:
             raise ValueError(f"`parametrization` must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
@@ -154,14 +149,8 @@ class LMDCompressionBase:
         self.guard_batches, self.search_steps = guard_batches, search_steps
         self.guard: dict[str, Any] | None = None  # metric before/after and every trial of the search
         self._metric_checked = False
-        if not isinstance(per_layer_norms, bool):
-            raise TypeError(f"`per_layer_norms` must be a bool, got {per_layer_norms!r}")
         self.per_layer_norms = per_layer_norms
         self.policy = policy
-        self.trigger = trigger if isinstance(trigger, str) else (
-            "stable_rank" if isinstance(trigger, StableRankMonitor) else "grad_norm")
-        self.convergence = trigger if isinstance(trigger, ConvergenceMonitor) else ConvergenceMonitor()
-        self.stable_ranks = trigger if isinstance(trigger, StableRankMonitor) else StableRankMonitor()
         self.include, self.exclude, self.filter_fn = include, exclude, filter_fn
         self.min_epochs, self.max_epochs, self.every_n_steps = min_epochs, max_epochs, every_n_steps
         self.parametrization, self.method = parametrization, method
@@ -170,7 +159,6 @@ class LMDCompressionBase:
         self.reports: list[dict[str, Any]] = []  # CompressionReport.to_dict() of each compression
         self.failure: str | None = None  # why compression was abandoned, if it was
         self._schedule = Schedule(min_epochs, max_epochs, rounds, by_epoch=self.trigger == "epoch")  # set at setup
-        self._meter = GradNormMeter(per_layer_norms)  # parameters re-read every epoch start, after any swap
         self._lightning: Any = None  # pytorch_lightning or lightning.pytorch, set at setup
         self._strict = StrictLoadingHold()  # loose first load on resume, strict again after the rebuild
 
@@ -197,8 +185,8 @@ class LMDCompressionBase:
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._strict.give_back(pl_module)
-        if self.trigger == "stable_rank" and not self.compressed and not self.stable_ranks.started:
-            self.stable_ranks.start(self._target_weights(pl_module))  # ξ from the initial weights
+        if not self.compressed:
+            self._watch.fit_start(lambda: self._target_weights(pl_module))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release(pl_module)  # also when no checkpoint was loaded
@@ -207,8 +195,8 @@ class LMDCompressionBase:
         self._release(pl_module)  # Lightning skips teardown on an exception
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        if self.round < self.rounds and self.trigger == "grad_norm" and trainer.global_step % self.every_n_steps == 0:
-            self._measure(trainer, pl_module, optimizer)
+        if self.round < self.rounds:
+            self._watch.before_optimizer_step(trainer, optimizer, self._info)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.metric is not None and not trainer.sanity_checking and not self._metric_checked:
@@ -223,13 +211,11 @@ class LMDCompressionBase:
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._due(trainer.current_epoch):
             self._compress(trainer, pl_module)
-        self._meter.refresh(pl_module.named_parameters())  # swaps happen only above
+        self._watch.epoch_start(pl_module)  # swaps happen only above
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.trigger == "grad_norm" and self.convergence.ema is not None:
-            self._log_norms(pl_module)
-        if self.trigger == "stable_rank" and not self.compressed and self.stable_ranks.started:
-            self._measure_stable_ranks(trainer, pl_module)
+        watching = self.round < self.rounds and self.failure is None
+        self._watch.epoch_end(trainer, pl_module, lambda: self._target_weights(pl_module), watching, self._info)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.lmd.at_train_end(trainer, pl_module, self._info, self._warn)
@@ -245,17 +231,14 @@ class LMDCompressionBase:
             "failure": self.failure,
             "guard": self.guard,
             "sweep": self.sweep,
-            "convergence": self.convergence.state_dict(),
-            "stable_rank": self.stable_ranks.state_dict(),
+            **self._watch.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.compressed_epochs = list(state_dict["compressed_epochs"])
         self.reports, self.failure, self.guard = state_dict["reports"], state_dict["failure"], state_dict["guard"]
         self.sweep = state_dict["sweep"]
-        self.convergence.load_state_dict(state_dict["convergence"])
-        if "stable_rank" in state_dict:  # absent from checkpoints written before the trigger existed
-            self.stable_ranks.load_state_dict(state_dict["stable_rank"])
+        self._watch.load_state_dict(state_dict)
 
     # ---- the work ----
 
@@ -292,40 +275,12 @@ class LMDCompressionBase:
         """The epoch of the latest round."""
         return self.compressed_epochs[-1] if self.compressed_epochs else None
 
-    @property
-    def _monitor(self) -> ConvergenceMonitor | StableRankMonitor:
-        """The monitor whose `converged` and `reason` the trigger follows."""
-        return self.stable_ranks if self.trigger == "stable_rank" else self.convergence
-
     def _due(self, epoch: int) -> bool:
-        return self.failure is None and self._schedule.due(epoch, self.compressed_epochs, self._monitor.converged)
+        return self.failure is None and self._schedule.due(epoch, self.compressed_epochs, self._watch.monitor.converged)
 
     def _target_weights(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         targets = find_targets(pl_module, self.include, self.exclude, self.filter_fn)
         return {t.name: layer_weight(t.module) for t in targets if t.skip_reason is None}
-
-    def _measure_stable_ranks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        monitor = self.stable_ranks
-        if monitor.update(self._target_weights(pl_module), trainer.current_epoch) and monitor.converged_epoch == trainer.current_epoch:
-            self._info(f"LMDCompression: converged after epoch {trainer.current_epoch} ({monitor.reason}). Compressing next.")
-        if monitor.change is not None:
-            pl_module.log("lmd/stable_rank_change", monitor.change)
-        for name, value in monitor.latest.items():
-            pl_module.log(f"lmd/stable_rank/{name}", value)
-
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        norm, layers = self._meter.measure(trainer_surgery.gradient_unscale_factor(trainer, optimizer))
-        was = self.convergence.converged
-        if self.convergence.update(norm, trainer.global_step, layers) and not was:
-            self._info(
-                f"LMDCompression: converged at step {trainer.global_step} ({self.convergence.reason}); "
-                f"‖∇L‖ EMA {self.convergence.ema:.4g}, peak {self.convergence.peak:.4g}. Compressing at the next epoch."
-            )
-
-    def _log_norms(self, pl_module: pl.LightningModule) -> None:
-        pl_module.log("lmd/grad_norm_ema", self.convergence.ema)
-        for name, norm in self.convergence.latest_layer_norms.items():
-            pl_module.log(f"lmd/grad_norm/{name}", float(norm))
 
     def _check_metric(self, trainer: pl.Trainer) -> None:
         if self.metric not in trainer.callback_metrics:
@@ -336,7 +291,8 @@ class LMDCompressionBase:
         self._metric_checked = True
 
     def _compress(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        why = self._monitor.reason if self._monitor.converged else f"epoch {trainer.current_epoch} reached"
+        monitor = self._watch.monitor
+        why = monitor.reason if monitor.converged else f"epoch {trainer.current_epoch} reached"
         record, before = undo_record(pl_module), trainer_surgery.snapshot(trainer)
         try:
             self.lmd.read_calibration(trainer)
@@ -373,9 +329,7 @@ class LMDCompressionBase:
 
     def _choose_policy(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict) -> RankPolicy | None:
         """This round's policy; with a `monitor`, also the sweep, and the guard's search if asked for."""
-        policy = self.policy.for_round(self.round + 1, self.rounds)
-        if self.trigger == "stable_rank" and isinstance(policy, StableRank) and policy.scales is None:
-            policy = dataclasses.replace(policy, scales=dict(self.stable_ranks.scales))
+        policy = self._watch.policy_for(self.policy.for_round(self.round + 1, self.rounds))
         if not self.metric:
             return policy
         outcome = measure_and_guard(
