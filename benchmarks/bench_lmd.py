@@ -24,7 +24,7 @@ import time
 import pytorch_lightning as pl
 
 from benchmarks.common import command, device_args, markdown_table, write_result
-from benchmarks.mnist1d import build, mean_std
+from benchmarks.mnist1d import build, mean_std, trainer
 from lmd_lightning import DataMetric, GlobalBudget, LMDCompression, Regularizer
 
 # Shares of the targeted layers' parameters kept: the recipe's setting, then a harsher one where
@@ -43,13 +43,6 @@ REGULARIZERS = {
     "maps + laplacian λ=0.1": {"metric_maps": True, "regularizer": Regularizer("laplacian", 0.1)},
     "maps + laplacian λ=1": {"metric_maps": True, "regularizer": Regularizer("laplacian", 1.0)},
 }
-
-
-def trainer(epochs: int, callbacks: list) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, deterministic=True,
-    )
 
 
 def run_variant(model: str, budget: float, dense_state: dict, kwargs: dict, epochs: int, seed: int, quick: bool) -> dict:

@@ -10,39 +10,25 @@ another's. It trains an MLP (40 → width × 4 → 10) with Adam (lr 1e-3), batc
 - factored r = width/4 and r = width/16: `LMDCompression(RankRatio(…), trigger="epoch",
   min_epochs=1)` swaps every hidden layer at the start of epoch 1 and rebuilds the optimizer.
 
-Per epoch: parameter, gradient and optimizer-state bytes (at its end), the process's RSS at its
-start and its peak RSS within it (Linux VmHWM, reset at the epoch's start by writing 5 to
-/proc/self/clear_refs). Epoch 0 is the dense phase for all; epoch 1 is after the swap.
+Per epoch: parameter, gradient and optimizer-state bytes (at its end); the peak RSS of the epoch's
+start (Linux VmHWM since the last epoch's end: for epoch 1 of a factored run, the swap itself with
+its SVDs and optimizer rebuild); the RSS once training begins, and the peak RSS within the epoch.
+Peaks are reset by writing 5 to /proc/self/clear_refs. Epoch 0 is the dense phase for all; epoch 1
+is after the swap. RSS keeps what the allocator holds after a free, so the factored epochs' RSS
+can stay at the dense level even though fewer bytes are live: the live bytes are the tensor columns.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.common import command, device_args, markdown_table, write_result
+from benchmarks.common import command, device_args, markdown_table, mib, reset_peak_rss, rss, write_result
 
 CONTENDERS = {"dense": None, "factored r = width/4": 0.25, "factored r = width/16": 1 / 16}
-
-
-def _status(key: str) -> int:
-    """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def _bytes(tensors) -> int:
@@ -50,24 +36,25 @@ def _bytes(tensors) -> int:
 
 
 class MemoryProbe(pl.Callback):
-    """RSS at each epoch's start, its peak within the epoch, and the tensors' bytes at its end."""
+    """Peak RSS up to each epoch's start (the swap), RSS then, its peak within the epoch, tensor bytes at its end."""
 
     def __init__(self) -> None:
         self.epochs: list[dict] = []
-        self.peak_reset = True
+        self.peak_reset = reset_peak_rss()
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:  # after LMDCompression's swap
-        self.peak_reset &= _reset_peak()
-        self.epochs.append({"rss_start": _status("VmRSS")})
+    def on_train_epoch_start(self, trainer, pl_module) -> None:  # runs after LMDCompression's swap
+        record = {"peak_start": rss("VmHWM")}
+        self.peak_reset &= reset_peak_rss()
+        self.epochs.append({**record, "rss_start": rss()})
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         params = list(pl_module.parameters())
         state = [v for s in trainer.optimizers[0].state.values() for v in s.values()]
         self.epochs[-1].update({
             "params": sum(p.numel() for p in params), "param_bytes": _bytes(params),
-            "grad_bytes": _bytes(p.grad for p in params), "optimizer_bytes": _bytes(state),
-            "peak": _status("VmHWM"),
+            "grad_bytes": _bytes(p.grad for p in params), "optimizer_bytes": _bytes(state), "peak": rss("VmHWM"),
         })
+        self.peak_reset &= reset_peak_rss()
 
 
 def _train(ratio: float | None, width: int, samples: int, out) -> None:
@@ -79,7 +66,8 @@ def _train(ratio: float | None, width: int, samples: int, out) -> None:
     model = MLPClassifier(widths=(width,) * 4, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
     data = TensorDataset(torch.randn(samples, 40), torch.randint(0, 10, (samples,)))
     probe = MemoryProbe()
-    callbacks = [] if ratio is None else [LMDCompression(RankRatio(ratio), trigger="epoch", min_epochs=1, exclude="*head")]
+    callbacks = [] if ratio is None else [
+        LMDCompression(RankRatio(ratio), trigger="epoch", min_epochs=1, exclude="*head")]
     trainer = pl.Trainer(
         max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, probe], limit_val_batches=0,
@@ -100,10 +88,6 @@ def measure(ratio: float | None, width: int, samples: int) -> dict:
     return result
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f}"
-
-
 def rows(width: int, samples: int) -> tuple[list[list[str]], bool]:
     table, reset = [], True
     for name, ratio in CONTENDERS.items():
@@ -112,8 +96,9 @@ def rows(width: int, samples: int) -> tuple[list[list[str]], bool]:
         for epoch, record in enumerate(result["epochs"]):
             phase = "dense" if epoch == 0 or ratio is None else "after the swap"
             table.append([
-                f"{width}", name, f"{epoch} ({phase})", f"{record['params']:,}", _mib(record["param_bytes"]),
-                _mib(record["grad_bytes"]), _mib(record["optimizer_bytes"]), _mib(record["rss_start"]), _mib(record["peak"]),
+                f"{width}", name, f"{epoch} ({phase})", f"{record['params']:,}",
+                *(mib(record[key]) for key in ("param_bytes", "grad_bytes", "optimizer_bytes", "peak_start",
+                                               "rss_start", "peak")),
             ])
             print(table[-1], flush=True)
     return table, reset
@@ -128,9 +113,10 @@ def main(argv: list[str] | None = None) -> None:
         all_rows += table
         reset &= ok
     header = ["width", "contender", "epoch", "params", "param MiB", "grad MiB", "optimizer-state MiB",
-              "RSS at start MiB", "peak RSS MiB"]
-    note = "" if reset else "\n\nNote: /proc/self/clear_refs was not writable, so peaks are the process's peak so far.\n"
-    body = __doc__.split("\n\n", 2)[2] + f"\n{samples} samples per epoch.\n\n" + markdown_table(header, all_rows, "llrrrrrrr") + note
+              "peak RSS at its start MiB", "RSS then MiB", "peak RSS in it MiB"]
+    note = "" if reset else "\n\nNote: /proc/self/clear_refs was not writable: every peak is the process's so far.\n"
+    table = markdown_table(header, all_rows, "llrrrrrrrr")
+    body = __doc__.split("\n\n", 2)[2] + f"\n{samples} samples per epoch.\n\n" + table + note
     path = write_result("memory_quick" if args.quick else "memory", "Memory: dense vs factored training", body,
                         command("bench_memory", argv))
     print(path.read_text())

@@ -10,9 +10,14 @@ can be randomized. Models: the MNIST-1D recipes' MLP, CNN and transformer, the 4
 training_cost.md and a CIFAR-10 ResNet-18 (width 64), freshly initialized (the cost of an SVD does
 not depend on training; the error does, and is reported for these random weights only).
 
+Stable-rank trigger: what `trigger="stable_rank"` costs on the same models, `StableRankMonitor.start`
+(once per fit, 100 power iterations per layer) and one `update` (once per epoch, 10 warm-started
+iterations per layer), median of 5.
+
 Sweep: the callback's rank–accuracy sweep (`sweep_points` settings of EnergyRank's knob, each
 compress_ + evaluate + undo) and the accuracy guard's bisection (`search_steps=5`) on the MNIST-1D
-MLP, evaluating on its 400 validation samples, as `LMDCompression(monitor="val_acc")` does.
+MLP trained for 5 epochs (1 in --quick), evaluating on its 400 validation samples, as
+`LMDCompression(monitor="val_acc")` does.
 
 The other overheads live in their own files: ‖∇L‖ monitoring per step and the optimizer rebuild in
 callback_overhead.md (bench_callback), one large matrix exact vs randomized in svd_speed.md.
@@ -28,11 +33,12 @@ import time
 import torch
 from torch import nn
 
-from benchmarks.common import command, device_args, markdown_table, write_result
-from lmd_lightning import EnergyRank, RankRatio, compress_
+from benchmarks.common import command, device_args, markdown_table, time_it, write_result
+from lmd_lightning import EnergyRank, RankRatio, StableRankMonitor, compress_
+from lmd_lightning.calibration import layer_weight
 from lmd_lightning.guard import measure_and_guard
 from lmd_lightning.models import CNN1DClassifier, MLPClassifier, ResNetClassifier, TransformerClassifier
-from lmd_lightning.targets import undo, undo_record
+from lmd_lightning.targets import find_targets, undo, undo_record
 
 MODELS = {  # name → constructor, at the sizes the recipes and benchmarks use
     "MNIST-1D MLP (3×512)": lambda: MLPClassifier(widths=(512, 512, 512)),
@@ -75,11 +81,27 @@ def truncation_rows(models: list[str], repeats: int) -> list[list[str]]:
     return rows
 
 
+def stable_rank_rows(models: list[str]) -> list[list[str]]:
+    rows = []
+    for name in models:
+        torch.manual_seed(0)
+        base = MODELS[name]()
+        targets = [t for t in find_targets(base, None, "*head", None) if t.skip_reason is None]
+        weights = {t.name: layer_weight(t.module) for t in targets}
+        started = StableRankMonitor(patience=10**9)  # never converges, so every update measures
+        start = time_it(lambda: StableRankMonitor().start(weights), repeats=5, warmup=1)
+        started.start(weights)
+        update = time_it(lambda: started.update(weights, 0), repeats=5, warmup=1)
+        rows.append([name, str(len(weights)), f"{start * 1e3:.1f}", f"{update * 1e3:.1f}"])
+        print(rows[-1], flush=True)
+    return rows
+
+
 def sweep_rows(quick: bool) -> list[list[str]]:
-    from benchmarks.mnist1d import build
+    from benchmarks.mnist1d import build, trainer
 
     net, data = build("mlp", quick)
-    data.setup("fit")
+    trainer(1 if quick else 5, []).fit(net, datamodule=data)
     batches = list(data.val_dataloader())
     net.eval()
 
@@ -117,12 +139,15 @@ def main(argv: list[str] | None = None) -> None:
          "mean rel. error exact / randomized"],
         truncation_rows(models, repeats), "llrrrrrr",
     )
+    monitor = markdown_table(
+        ["model", "layers", "start ms (once)", "update ms (per epoch)"], stable_rank_rows(models), "lrrr")
     sweep = markdown_table(
         ["on the MNIST-1D MLP", "compressions evaluated", "total s", "ms per point", "one evaluation ms"],
         sweep_rows(args.quick), "lrrrr",
     )
     body = (
         __doc__.split("\n\n", 2)[2] + f"\n## Truncation, median of {repeats}\n\n{truncation}\n\n"
+        f"## The stable-rank trigger\n\n{monitor}\n\n"
         f"## Rank–accuracy sweep and accuracy guard\n\n{sweep}\n"
     )
     path = write_result("overheads_quick" if args.quick else "overheads", "Overheads: truncation and the sweep",

@@ -3,13 +3,14 @@
     python -m benchmarks.bench_quality [--quick] [--models mlp cnn transformer] [--seeds 0 1 2] [--epochs 40 40 40]
 
 Every contender trains the recipe's MNIST-1D model and optimizer (configs/model/*.yaml) for the same
-number of epochs from the same seed, in this one process; the seeds alternate, so drift on the
-machine spreads over all contenders. Contenders, all truncating the same layers (every Linear and
+number of epochs from the same seed, in this one process: for each seed, every contender in the
+order of the table. Contenders, all truncating the same layers (every Linear and
 Conv2d but the head):
 
 - dense: no compression;
 - one-shot SVD after training: the dense model at the end, `compress_` to the GlobalBudget below,
-  no fine-tuning, in the weights' metric (Eckart–Young) and in the data's (`metric="data"`);
+  no fine-tuning, in the weights' metric (Eckart–Young) and in the data's (`metric="data"`); its
+  train time is the dense run's plus the truncation;
 - Pufferfish-style: `trigger="epoch"` at 80/300 of the epochs (Pufferfish's CIFAR-10 warm-up),
   `RankRatio(0.25)` on the same layers (Pufferfish itself keeps its first layers full-rank);
 - Cuttlefish-style: `trigger="stable_rank"` with the scaled stable rank `StableRank()`;
@@ -17,16 +18,18 @@ Conv2d but the head):
   and GlobalBudget (MLP 0.2, CNN 0.5, transformer 0.5: chosen on validation in recipes_mnist1d.md),
   and GlobalBudget with `metric="data"`;
 - Lightning's `ModelPruning` (global L1 unstructured magnitude pruning of the same weights, no
-  lottery-ticket reset) at the epoch and to the (non-zero) parameter count the ‖∇L‖ + GlobalBudget
-  run reached with the same seed, then fine-tuned like it;
+  lottery-ticket reset) at the epoch the ‖∇L‖ + GlobalBudget run compressed with the same seed,
+  pruning as many weights as that run removed parameters, then fine-tuned like it (its parameter
+  column counts non-zeros);
 - small dense: the same architecture narrowed (MLP widths, CNN channels, transformer dim) to the
   width whose parameter count is nearest that run's, trained from scratch.
 
 Every seed's numbers are in quality.json. Validation (400 samples) runs once, at the end; test
 (1,000) is reported once, for every contender (no hyper-parameter is chosen here). Latency: the
 final model's forward pass on a batch of 256 in eval mode under `torch.inference_mode`, the
-median of 3 alternating passes over all of a seed's contenders, each the median of 10 runs. Pruned models are timed as they are, dense tensors with
-zeros: unstructured sparsity gives no speed-up without sparse kernels.
+median of 5 alternating passes over all of a seed's contenders, each the median of 20 runs.
+Pruned models are timed as they are, dense tensors with zeros: unstructured sparsity gives no
+speed-up without sparse kernels.
 """
 
 from __future__ import annotations
@@ -43,10 +46,17 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelPruning
 
+from benchmarks import mnist1d
 from benchmarks.common import RESULTS, command, device_args, markdown_table, time_it, write_result
 from benchmarks.mnist1d import build, mean_std
 from lmd_lightning import (
-    EnergyRank, ErrorBound, GlobalBudget, LMDCompression, RankRatio, StableRank, compress_,
+    EnergyRank,
+    ErrorBound,
+    GlobalBudget,
+    LMDCompression,
+    RankRatio,
+    StableRank,
+    compress_,
 )
 from lmd_lightning.targets import find_targets
 
@@ -58,7 +68,8 @@ TRAINED = {  # contender → its LMDCompression (None: dense); `epochs` is the r
     "dense": lambda model, epochs: None,
     "Pufferfish (epoch, RankRatio 1/4)": lambda model, epochs: LMDCompression(
         RankRatio(0.25), trigger="epoch", min_epochs=max(1, round(epochs * 80 / 300)), exclude="*head"),
-    "Cuttlefish (stable rank)": lambda model, epochs: LMDCompression(StableRank(), trigger="stable_rank", exclude="*head"),
+    "Cuttlefish (stable rank)": lambda model, epochs: LMDCompression(
+        StableRank(), trigger="stable_rank", exclude="*head"),
     "‖∇L‖ + EnergyRank(0.7)": lambda model, epochs: LMDCompression(EnergyRank(0.7), exclude="*head"),
     "‖∇L‖ + ErrorBound(0.3)": lambda model, epochs: LMDCompression(ErrorBound(0.3), exclude="*head"),
     BUDGET_RUN: lambda model, epochs: LMDCompression(GlobalBudget(params=BUDGET[model]), exclude="*head"),
@@ -68,11 +79,7 @@ TRAINED = {  # contender → its LMDCompression (None: dense); `epochs` is the r
 
 
 def trainer(epochs: int, callbacks: list) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, deterministic=True,
-        check_val_every_n_epoch=max(epochs, 1), num_sanity_val_steps=0,
-    )
+    return mnist1d.trainer(epochs, callbacks, validate_at_end_only=True)
 
 
 def nonzero_params(net: torch.nn.Module) -> int:
@@ -97,24 +104,27 @@ def fit(model: str, seed: int, epochs: int, quick: bool, callbacks: list, width:
 
 
 def one_shot(model: str, dense: dict, quick: bool, metric: str) -> dict:
-    """The trained dense model truncated to the budget at once, no fine-tuning."""
+    """The trained dense model truncated to the budget at once, no fine-tuning; its time includes the dense run's."""
     net, data = copy.deepcopy(dense["net"]), build(model, quick)[1]
     data.setup("fit")
     start = time.perf_counter()
     calibration = list(islice(iter(data.train_dataloader()), 8)) if metric == "data" else None
     compress_(net, GlobalBudget(params=BUDGET[model]), exclude="*head", metric=metric, calibration=calibration)
-    seconds = time.perf_counter() - start
+    seconds = dense["seconds"] + time.perf_counter() - start
     val, test = evaluate(net, data)
     return {"net": net, "params": nonzero_params(net), "val": val, "test": test, "seconds": seconds}
 
 
 def pruned(model: str, seed: int, epochs: int, quick: bool, reference: dict) -> dict:
-    """ModelPruning to the reference run's parameter count, at the epoch it compressed."""
+    """ModelPruning of as many weights as the reference run removed parameters, at the epoch it compressed."""
     pl.seed_everything(seed, verbose=False)
     net, data = build(model, quick)
     weights = [(t.module, "weight") for t in find_targets(net, None, "*head", None) if t.skip_reason is None]
     prunable = sum(module.weight.numel() for module, _ in weights)
-    amount = min(0.99, max(0.0, (nonzero_params(net) - reference["params"]) / prunable))
+    removed = sum(p.numel() for p in net.parameters()) - reference["params"]
+    if not 0 < removed < prunable:
+        raise ValueError(f"cannot prune {removed:,} of the {prunable:,} prunable weights to match the reference run")
+    amount = removed / prunable
     at = reference["compressed_epoch"] - 1  # pruning runs at an epoch's end, LMD at the next epoch's start
     pruning = ModelPruning(
         "l1_unstructured", parameters_to_prune=weights, amount=amount, apply_pruning=lambda epoch: epoch == at,
@@ -150,9 +160,9 @@ def latencies(nets: dict[str, torch.nn.Module], model: str) -> dict[str, float]:
     for net in nets.values():
         net.eval()
     with torch.inference_mode():
-        for _ in range(3):
+        for _ in range(5):
             for name, net in nets.items():
-                times[name].append(time_it(lambda: net(x), repeats=10, warmup=2) * 1e3)
+                times[name].append(time_it(lambda: net(x), repeats=20, warmup=2) * 1e3)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -191,8 +201,10 @@ def table(results: dict[str, list[dict]]) -> str:
         params = statistics.mean(r["params"] for r in runs)
         epochs = [r.get("compressed_epoch") for r in runs]
         at = "–" if None in epochs else ", ".join(map(str, epochs))
+        column = {key: [r[key] for r in runs] for key in ("latency", "val", "test", "seconds")}
         rows.append([
-            name, f"{int(params):,}", f"{dense_params / params:.2f}×", mean_std([r["latency"] for r in runs]), at, mean_std([r["val"] for r in runs]), mean_std([r["test"] for r in runs]), f"{statistics.mean(r['seconds'] for r in runs):.0f}",
+            name, f"{int(params):,}", f"{dense_params / params:.2f}×", mean_std(column["latency"]), at,
+            mean_std(column["val"]), mean_std(column["test"]), f"{statistics.mean(column['seconds']):.0f}",
         ])
     header = ["contender", "params (non-zero)", "smaller", f"latency ms (batch {LATENCY_BATCH})", "switch epoch",
               "val acc %", "test acc %", "train s"]
@@ -213,8 +225,9 @@ def pareto_plot(results: dict[str, list[dict]], model: str, path) -> None:
         y, yerr = statistics.mean(test), (statistics.stdev(test) if len(test) > 1 else 0.0)
         for ax, key in zip(axes, ("params", "latency")):
             x = statistics.mean(r[key] for r in runs)
-            ax.errorbar(x, y, yerr=yerr, fmt=markers[index % len(markers)], color=f"C{index}" if index < 10 else "black",
-                        capsize=3, label=name if key == "params" else None)
+            color = f"C{index}" if index < 10 else "black"  # matplotlib's cycle has 10 colours
+            ax.errorbar(x, y, yerr=yerr, fmt=markers[index % len(markers)], color=color, capsize=3,
+                        label=name if key == "params" else None)
     axes[0].set_xscale("log")
     axes[0].set_xlabel("parameters (non-zero)")
     axes[1].set_xlabel(f"CPU latency, batch {LATENCY_BATCH} (ms)")
@@ -232,12 +245,15 @@ def main(argv: list[str] | None = None) -> None:
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--models", nargs="+", choices=tuple(BUDGET), default=list(BUDGET))
     extra.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    extra.add_argument("--epochs", type=int, nargs="+", default=None, help="one per model (default: 40 each, as the recipes)")
+    extra.add_argument("--epochs", type=int, nargs="+", default=None,
+                       help="one per model (default: 40 each, as the recipes)")
     extra.add_argument("--out", default="quality", help="result file name: benchmarks/results/<out>.md")
     known, rest = extra.parse_known_args(argv)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # one line per run is printed below
     args = device_args(__doc__.splitlines()[0], "MLP only, 3 epochs on 1,000 samples, 1 seed", rest)
     models, seeds = (["mlp"], [0]) if args.quick else (known.models, known.seeds)
+    if known.epochs and len(known.epochs) != len(models):
+        extra.error(f"--epochs takes one value per model: {len(models)} models {models}, got {known.epochs}")
     epochs = dict(zip(models, known.epochs)) if known.epochs else {m: 3 if args.quick else EPOCHS[m] for m in models}
     name = "quality_quick" if args.quick else known.out
     figures = RESULTS / "figures"
@@ -257,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
             f"![{model}](figures/{figure.name})"
         )
         body = __doc__.split("\n\n", 2)[2] + "\n" + "\n\n".join(sections)
-        path = write_result(name, "Compression quality against the baselines (MNIST-1D)", body, command("bench_quality", argv))
+        title = "Compression quality against the baselines (MNIST-1D)"
+        path = write_result(name, title, body, command("bench_quality", argv))
     print(path.read_text())
 
 

@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from benchmarks.bench_factored import BATCH, infer_step, train_step
-from benchmarks.bench_memory import _reset_peak, _status
-from benchmarks.common import command, device_args, markdown_table, time_it, write_result
+from benchmarks.common import command, device_args, markdown_table, mib, reset_peak_rss, rss, time_it, write_result
 from lmd_lightning import FactoredLinear
 from lmd_lightning.svd import truncated_svd
 
@@ -32,11 +31,11 @@ WIDTHS = (512, 1024, 2048, 4096, 8192)
 
 def extra_peak(fn) -> int:
     """Bytes of RSS `fn()` needs above what was resident before it (0 where peaks cannot be reset)."""
-    if not _reset_peak():
+    if not reset_peak_rss():
         return 0
-    before = _status("VmRSS")
+    before = rss()
     fn()
-    return max(0, _status("VmHWM") - before)
+    return max(0, rss("VmHWM") - before)
 
 
 def row(n: int) -> dict:
@@ -67,34 +66,34 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:,.1f}"
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f}"
-
-
 def tables(rows: list[dict]) -> str:
+    def cells(r: dict, a: str, b: str) -> list[str]:  # a, b and how many times faster b is
+        return [_ms(r[a]), _ms(r[b]), f"{r[a] / r[b]:.2f}×"]
+
     truncation = markdown_table(
-        ["n (r = n/8)", "exact ms", "randomized ms", "exact / randomized", "exact extra peak MiB", "randomized extra peak MiB"],
-        [[f"{r['n']} ({r['rank']})", _ms(r["svd_exact"]), _ms(r["svd_randomized"]), f"{r['svd_exact'] / r['svd_randomized']:.1f}×",
-          _mib(r["svd_exact_mem"]), _mib(r["svd_randomized_mem"])] for r in rows],
+        ["n (r = n/8)", "exact ms", "randomized ms", "exact / randomized", "exact extra peak MiB",
+         "randomized extra peak MiB"],
+        [[f"{r['n']} ({r['rank']})", *cells(r, "svd_exact", "svd_randomized"),
+          mib(r["svd_exact_mem"]), mib(r["svd_randomized_mem"])] for r in rows],
         "lrrrrr",
     )
     layer = markdown_table(
         ["n (r = n/8)", "param MiB dense → factored", "train step ms dense", "factored", "speed-up",
          "inference ms dense", "factored", "speed-up"],
-        [[f"{r['n']} ({r['rank']})", f"{_mib(r['bytes_dense'])} → {_mib(r['bytes_factored'])}",
-          _ms(r["train_dense"]), _ms(r["train_factored"]), f"{r['train_dense'] / r['train_factored']:.2f}×",
-          _ms(r["infer_dense"]), _ms(r["infer_factored"]), f"{r['infer_dense'] / r['infer_factored']:.2f}×"] for r in rows],
+        [[f"{r['n']} ({r['rank']})", f"{mib(r['bytes_dense'])} → {mib(r['bytes_factored'])}",
+          *cells(r, "train_dense", "train_factored"), *cells(r, "infer_dense", "infer_factored")] for r in rows],
         "lrrrrrrr",
     )
     growth = ""
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
         scale = last["n"] / first["n"]
+        grew = {key: last[key] / first[key] for key in ("svd_exact", "svd_randomized", "train_dense")}
         growth = (
             f"\n\nFrom n = {first['n']} to {last['n']} ({scale:.0f}× wider): exact truncation took "
-            f"{last['svd_exact'] / first['svd_exact']:.0f}× longer (n³ would be {scale**3:.0f}×), randomized "
-            f"{last['svd_randomized'] / first['svd_randomized']:.0f}× (n²·r would be {scale**3:.0f}× too, since r = n/8), "
-            f"the dense training step {last['train_dense'] / first['train_dense']:.0f}× (n² would be {scale**2:.0f}×)."
+            f"{grew['svd_exact']:.0f}× longer (n³ would be {scale**3:.0f}×), randomized {grew['svd_randomized']:.0f}× "
+            f"(n²·r would be {scale**3:.0f}× too, since r = n/8), the dense training step "
+            f"{grew['train_dense']:.0f}× (n² would be {scale**2:.0f}×)."
         )
     return f"## Truncation\n\n{truncation}\n\n## The layer, batch {BATCH}\n\n{layer}{growth}\n"
 

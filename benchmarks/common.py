@@ -42,6 +42,27 @@ def machine_header(device: torch.device | str = "cpu") -> str:
     return "\n".join(lines)
 
 
+def rss(key: str = "VmRSS") -> int:
+    """A /proc/self/status field in bytes: VmRSS (resident now) or VmHWM (peak since the last reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs); False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
 def time_it(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2, device: str = "cpu") -> float:
     """Median wall time of `fn()` in seconds over `repeats` runs after `warmup` runs."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

@@ -44,12 +44,14 @@ def run(suites: list[str], quick: bool) -> list[str]:
         began = time.perf_counter()
         importlib.import_module(f"benchmarks.{module}").main(["--quick"] if quick else [])
         print(f"== {module} took {time.perf_counter() - began:.0f} s", flush=True)
-    return sorted(str(path.relative_to(RESULTS.parent)) for path in RESULTS.rglob("*") if path.is_file() and path.stat().st_mtime >= start)
+    written = [path for path in RESULTS.rglob("*") if path.is_file() and path.stat().st_mtime >= start]
+    return sorted(str(path.relative_to(RESULTS.parent)) for path in written)
 
 
 def main(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", nargs="+", default=["all"], choices=("all", *SUITES), help="which suites (default: all)")
+    parser.add_argument("--suite", nargs="+", default=["all"], choices=("all", *SUITES),
+                        help="which suites (default: all)")
     parser.add_argument("--quick", action="store_true", help="each benchmark's smoke run (what CI runs)")
     args = parser.parse_args(argv)
     suites = list(SUITES) if "all" in args.suite else args.suite

@@ -22,9 +22,9 @@ from lmd_lightning.policies import (
     RankRatio,
     StableRank,
 )
-from lmd_lightning.stable_rank import StableRankMonitor
 from lmd_lightning.regularize import Regularizer
 from lmd_lightning.report import CompressionReport, LayerReport
+from lmd_lightning.stable_rank import StableRankMonitor
 
 __version__ = "0.1.0"
 

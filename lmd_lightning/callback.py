@@ -1,8 +1,10 @@
 """LMDCompression: compress at convergence, then keep training (the fine-tuning phase).
 
 1. Every optimizer step (after accumulation and AMP unscaling, before clipping), the fused
-   gradient norm ‖∇L‖ goes to a ConvergenceMonitor (LMD.md section 1).
-2. At the first epoch boundary after it reports convergence (never before `min_epochs`,
+   gradient norm ‖∇L‖ goes to a ConvergenceMonitor (LMD.md section 1); or, with
+   trigger="stable_rank", each layer's stable rank goes to a StableRankMonitor once per epoch
+   (trigger.py); trigger="epoch" watches nothing.
+2. At the first epoch boundary after the monitor reports convergence (never before `min_epochs`,
    always by the forced epoch), `compress_` truncates and swaps the layers.
 3. `trainer_surgery.rebuild` re-runs the user's `configure_optimizers`, carries the state of
    surviving parameters over and continues the LR schedule. Training goes on.
@@ -22,8 +24,8 @@ from lmd_lightning.compress import compress_
 from lmd_lightning.convergence import ConvergenceMonitor
 from lmd_lightning.factored import PARAMETRIZATIONS
 from lmd_lightning.guard import check_guard_arguments, measure_and_guard
-from lmd_lightning.policies import RankPolicy
 from lmd_lightning.lmd_proper import LMDProper
+from lmd_lightning.policies import RankPolicy
 from lmd_lightning.regularize import Regularizer
 from lmd_lightning.report import CompressionReport
 from lmd_lightning.schedule import Schedule, default_last_epoch
@@ -122,7 +124,8 @@ class LMDCompressionBase:
         if not isinstance(policy, RankPolicy):
             raise TypeError(f"`policy` must be a RankPolicy (EnergyRank, FixedRank, GlobalBudget, …), got {policy!r}")
         self._watch = TriggerWatch(trigger, every_n_steps, per_layer_norms)
-        self.trigger, self.convergence, self.stable_ranks = self._watch.kind, self._watch.convergence, self._watch.stable_ranks
+        self.trigger, self.convergence = self._watch.kind, self._watch.convergence
+        self.stable_ranks = self._watch.stable_ranks
         _check_int(min_epochs, "min_epochs", 0)
         _check_int(max_epochs, "max_epochs", 0, optional=True)
         if max_epochs is not None and max_epochs < min_epochs:
@@ -169,7 +172,7 @@ class LMDCompressionBase:
         trainer_surgery.check_supported(trainer, pl_module)
         self._check_targets(pl_module)
         last = self.max_epochs if self.max_epochs is not None else default_last_epoch(self.min_epochs, trainer.max_epochs)
-        if last is None and self.trigger == "grad_norm":
+        if last is None and self.trigger != "epoch":
             self._warn("LMDCompression: the Trainer has no max_epochs, so compression is never forced")
         self._schedule = Schedule(self.min_epochs, last, self.rounds, by_epoch=self.trigger == "epoch")
         self._strict.take(pl_module)  # see StrictLoadingHold
@@ -186,7 +189,7 @@ class LMDCompressionBase:
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._strict.give_back(pl_module)
         if not self.compressed:
-            self._watch.fit_start(lambda: self._target_weights(pl_module))
+            self._watch.fit_start(pl_module, lambda: self._target_weights(pl_module))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release(pl_module)  # also when no checkpoint was loaded
@@ -209,13 +212,14 @@ class LMDCompressionBase:
         self.lmd.after_backward(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.round < self.rounds and self.failure is None:
+            self._watch.measure_epoch(trainer, pl_module, lambda: self._target_weights(pl_module), self._info)
         if self._due(trainer.current_epoch):
             self._compress(trainer, pl_module)
-        self._watch.epoch_start(pl_module)  # swaps happen only above
+        self._watch.refresh(pl_module)  # swaps happen only above
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        watching = self.round < self.rounds and self.failure is None
-        self._watch.epoch_end(trainer, pl_module, lambda: self._target_weights(pl_module), watching, self._info)
+        self._watch.epoch_end(pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.lmd.at_train_end(trainer, pl_module, self._info, self._warn)

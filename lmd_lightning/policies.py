@@ -13,7 +13,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -57,6 +57,10 @@ class LayerSpectrum:
 def _check_int(value: object, arg: str, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"`{arg}` must be an int >= {low}, got {value!r}")
+
+
+def _positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def _check_open_unit(value: object, arg: str) -> None:
@@ -238,33 +242,43 @@ class StableRank(PerLayerPolicy):
 
     ξ is per layer, min(m, n)/srank(W₀) of the weights at initialization (`scales`, layer name →
     ξ). `LMDCompression(trigger="stable_rank")` measures them when training starts and fills them
-    in when `scales` is None; elsewhere a layer missing from `scales` uses ξ = 1 (the plain stable rank).
+    in when `scales` is None. Elsewhere `scales=None` means ξ = 1 for every layer (the plain stable
+    rank, with a warning); given `scales` must name every layer truncated.
     """
 
     multiplier: float = 1.0  # on every layer's ξ·srank: > 1 keeps more, < 1 compresses harder
-    scales: Mapping[str, float] | None = None  # layer name → ξ; None: filled in by the callback, else 1
+    scales: Mapping[str, float] | None = field(default=None, hash=False)  # layer name → ξ
 
     knob: ClassVar[str] = "multiplier"
     knob_range: ClassVar[tuple[float, float]] = (8.0, 0.125)
 
     def __post_init__(self) -> None:
-        if isinstance(self.multiplier, bool) or not isinstance(self.multiplier, (int, float)) or not self.multiplier > 0:
-            raise ValueError(f"`multiplier` must be a number > 0, got {self.multiplier!r}")
+        if not _positive_number(self.multiplier):
+            raise ValueError(f"`multiplier` must be a finite number > 0, got {self.multiplier!r}")
         if self.scales is not None and not (
-            isinstance(self.scales, Mapping)
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in self.scales.values())
+            isinstance(self.scales, Mapping) and all(_positive_number(v) for v in self.scales.values())
         ):
-            raise ValueError(f"`scales` must map layer names to numbers > 0, got {self.scales!r}")
+            raise ValueError(f"`scales` must map layer names to finite numbers > 0, got {self.scales!r}")
         super().__post_init__()
 
     def _round_knob(self, k: int, rounds: int) -> float:
         raise ValueError("StableRank is relative to the weights at initialization, not to what is left; use rounds=1")
 
+    def choose(self, layers: Sequence[LayerSpectrum]) -> list[int]:
+        if self.scales is None:
+            warnings.warn("StableRank without `scales`: ξ = 1 for every layer, the plain stable rank "
+                          "(LMDCompression(trigger='stable_rank') measures Cuttlefish's ξ)", stacklevel=2)
+        else:
+            missing = [layer.name for layer in layers if layer.name not in self.scales]
+            if missing:
+                raise ValueError(f"StableRank `scales` has no ξ for {missing}; it has {sorted(self.scales)}")
+        return super().choose(layers)
+
     def rank_for(self, layer: LayerSpectrum) -> int:
         s2 = layer.s.double().square()
         if float(s2[0]) == 0.0:
             return 1
-        scale = 1.0 if self.scales is None else float(self.scales.get(layer.name, 1.0))
+        scale = 1.0 if self.scales is None else float(self.scales[layer.name])
         return max(1, math.ceil(self.multiplier * scale * float(s2.sum() / s2[0]) - 1e-9))
 
 

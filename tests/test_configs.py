@@ -13,7 +13,15 @@ from hydra.errors import InstantiationException, MissingConfigException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
-from lmd_lightning import StableRank, StableRankMonitor, ConvergenceMonitor, DataMetric, LMDCompression, RankPolicy, Regularizer
+from lmd_lightning import (
+    ConvergenceMonitor,
+    DataMetric,
+    LMDCompression,
+    RankPolicy,
+    Regularizer,
+    StableRank,
+    StableRankMonitor,
+)
 from lmd_lightning.cli import config_dir, recipe_dir, register_recipes
 
 GROUPS = ("model", "data", "compression", "trigger", "trainer", "logger", "callback", "checkpoint", "paths")
@@ -116,7 +124,8 @@ def test_callback_and_trigger_configs_mirror_their_signatures() -> None:
     by_epoch = instantiate(compose_config(overrides=("trigger=epoch",)).callback)
     assert by_epoch.trigger == "epoch"
     cuttlefish = compose_config(overrides=("trigger=stable_rank", "compression=stable_rank", "trigger.tol=0.05"))
-    assert set(cuttlefish.trigger) - {"_target_"} == set(inspect.signature(StableRankMonitor.__init__).parameters) - {"self"}
+    stable_rank_args = set(inspect.signature(StableRankMonitor.__init__).parameters) - {"self"}
+    assert set(cuttlefish.trigger) - {"_target_"} == stable_rank_args
     callback = instantiate(cuttlefish.callback)
     assert callback.trigger == "stable_rank" and callback.stable_ranks.tol == 0.05
     assert callback.policy == StableRank()
