@@ -71,7 +71,7 @@ def test_quick_cost_memory_and_scaling_tables_show_the_factored_side_smaller(wri
         assert count(cells[6]) == pytest.approx(2 * count(cells[4]), abs=0.1)
     scaling = rows("scaling_quick.md")
     dense_mib, factored_mib = (float(x) for x in scaling["512 (64)"][0].split(" → "))
-    assert factored_mib == pytest.approx(dense_mib / 4, rel=0.01)  # r = n/8 keeps a quarter
+    assert factored_mib == pytest.approx(dense_mib / 4, abs=0.06)  # r = n/8 keeps a quarter (0.1 MiB printed)
 
 
 @pytest.mark.slow
