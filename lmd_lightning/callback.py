@@ -54,8 +54,8 @@ class LMDCompressionBase:
         policy: how many singular values each layer keeps (EnergyRank, GlobalBudget, …).
         trigger: "grad_norm" (a ConvergenceMonitor with its defaults), "epoch" (compress exactly
             at `min_epochs`, the Pufferfish baseline), "stable_rank" (a StableRankMonitor with its
-            defaults: once every targeted layer's stable rank has settled, the Cuttlefish switch;
-            one round only), or a configured ConvergenceMonitor / StableRankMonitor. With
+            defaults: once the targeted layers' stable ranks have settled, their mean relative
+            change per epoch below its `tol`, the Cuttlefish switch; one round only), or a configured ConvergenceMonitor / StableRankMonitor. With
             "stable_rank" each layer's ξ is measured when fit starts and given to a `StableRank`
             policy that has no `scales` of its own.
         include / exclude / filter_fn: which layers, as in `compress_`.

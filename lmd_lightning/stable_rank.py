@@ -52,7 +52,7 @@ def stable_rank(matrix: Tensor, sigma_max: float) -> float:
 
 
 class StableRankMonitor:
-    """Decides when every layer's stable rank has converged, from one measurement per epoch.
+    """Decides when the layers' stable ranks have converged (their mean relative change), once per epoch.
 
     `start(weights)` at the beginning of training records each layer's ξ = min(m, n)/srank(W₀)
     (`scales`); `update(weights, epoch)` after each epoch advances the EMAs and checks. A layer
