@@ -26,13 +26,18 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.common import command, device_args, markdown_table, mib, reset_peak_rss, rss, write_result
+from benchmarks.common import (
+    command,
+    device_args,
+    markdown_table,
+    mib,
+    reset_peak_rss,
+    rss,
+    tensor_bytes,
+    write_result,
+)
 
 CONTENDERS = {"dense": None, "factored r = width/4": 0.25, "factored r = width/16": 1 / 16}
-
-
-def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
 
 class MemoryProbe(pl.Callback):
@@ -51,8 +56,9 @@ class MemoryProbe(pl.Callback):
         params = list(pl_module.parameters())
         state = [v for s in trainer.optimizers[0].state.values() for v in s.values()]
         self.epochs[-1].update({
-            "params": sum(p.numel() for p in params), "param_bytes": _bytes(params),
-            "grad_bytes": _bytes(p.grad for p in params), "optimizer_bytes": _bytes(state), "peak": rss("VmHWM"),
+            "params": sum(p.numel() for p in params), "param_bytes": tensor_bytes(params),
+            "grad_bytes": tensor_bytes(p.grad for p in params), "optimizer_bytes": tensor_bytes(state),
+            "peak": rss("VmHWM"),
         })
         self.peak_reset &= reset_peak_rss()
 

@@ -40,6 +40,7 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from itertools import islice
 
 import pytorch_lightning as pl
@@ -93,14 +94,19 @@ def evaluate(net: pl.LightningModule, data: pl.LightningDataModule) -> tuple[flo
     return val * 100, test * 100
 
 
-def fit(model: str, seed: int, epochs: int, quick: bool, callbacks: list, width: int | None = None) -> dict:
+def outcome(net: pl.LightningModule, data: pl.LightningDataModule, seconds: float) -> dict:
+    val, test = evaluate(net, data)
+    return {"net": net, "params": nonzero_params(net), "val": val, "test": test, "seconds": seconds}
+
+
+def fit(model: str, seed: int, epochs: int, quick: bool, callbacks: Callable[[pl.LightningModule], list],
+        width: int | None = None) -> dict:
+    """Train from `seed` with `callbacks(net)`; the outcome, train time included."""
     pl.seed_everything(seed, verbose=False)
     net, data = build(model, quick, width)
     start = time.perf_counter()
-    trainer(epochs, callbacks).fit(net, datamodule=data)
-    seconds = time.perf_counter() - start
-    val, test = evaluate(net, data)
-    return {"net": net, "params": nonzero_params(net), "val": val, "test": test, "seconds": seconds}
+    trainer(epochs, callbacks(net)).fit(net, datamodule=data)
+    return outcome(net, data, time.perf_counter() - start)
 
 
 def one_shot(model: str, dense: dict, quick: bool, metric: str) -> dict:
@@ -110,32 +116,25 @@ def one_shot(model: str, dense: dict, quick: bool, metric: str) -> dict:
     start = time.perf_counter()
     calibration = list(islice(iter(data.train_dataloader()), 8)) if metric == "data" else None
     compress_(net, GlobalBudget(params=BUDGET[model]), exclude="*head", metric=metric, calibration=calibration)
-    seconds = dense["seconds"] + time.perf_counter() - start
-    val, test = evaluate(net, data)
-    return {"net": net, "params": nonzero_params(net), "val": val, "test": test, "seconds": seconds}
+    return outcome(net, data, dense["seconds"] + time.perf_counter() - start)
 
 
 def pruned(model: str, seed: int, epochs: int, quick: bool, reference: dict) -> dict:
     """ModelPruning of as many weights as the reference run removed parameters, at the epoch it compressed."""
-    pl.seed_everything(seed, verbose=False)
-    net, data = build(model, quick)
-    weights = [(t.module, "weight") for t in find_targets(net, None, "*head", None) if t.skip_reason is None]
-    prunable = sum(module.weight.numel() for module, _ in weights)
-    removed = sum(p.numel() for p in net.parameters()) - reference["params"]
-    if not 0 < removed < prunable:
-        raise ValueError(f"cannot prune {removed:,} of the {prunable:,} prunable weights to match the reference run")
-    amount = removed / prunable
     at = reference["compressed_epoch"] - 1  # pruning runs at an epoch's end, LMD at the next epoch's start
-    pruning = ModelPruning(
-        "l1_unstructured", parameters_to_prune=weights, amount=amount, apply_pruning=lambda epoch: epoch == at,
-        use_lottery_ticket_hypothesis=False, verbose=0,
-    )
-    start = time.perf_counter()
-    trainer(epochs, [pruning]).fit(net, datamodule=data)
-    seconds = time.perf_counter() - start
-    val, test = evaluate(net, data)
-    return {"net": net, "params": nonzero_params(net), "val": val, "test": test, "seconds": seconds,
-            "compressed_epoch": reference["compressed_epoch"]}
+
+    def pruning(net: pl.LightningModule) -> list:
+        weights = [(t.module, "weight") for t in find_targets(net, None, "*head", None) if t.skip_reason is None]
+        prunable = sum(module.weight.numel() for module, _ in weights)
+        removed = sum(p.numel() for p in net.parameters()) - reference["params"]
+        if not 0 < removed < prunable:
+            raise ValueError(f"cannot prune {removed:,} of the {prunable:,} prunable weights to match the reference")
+        return [ModelPruning(
+            "l1_unstructured", parameters_to_prune=weights, amount=removed / prunable,
+            apply_pruning=lambda epoch: epoch == at, use_lottery_ticket_hypothesis=False, verbose=0,
+        )]
+
+    return {**fit(model, seed, epochs, quick, pruning), "compressed_epoch": reference["compressed_epoch"]}
 
 
 def narrowed_width(model: str, target: int) -> int:
@@ -170,7 +169,7 @@ def run_seed(model: str, seed: int, epochs: int, quick: bool) -> dict[str, dict]
     runs: dict[str, dict] = {}
     for name, make in TRAINED.items():
         lmd = make(model, epochs)
-        runs[name] = fit(model, seed, epochs, quick, [] if lmd is None else [lmd])
+        runs[name] = fit(model, seed, epochs, quick, lambda net: [] if lmd is None else [lmd])
         runs[name]["compressed_epoch"] = None if lmd is None else lmd.compressed_epoch
         print(model, seed, name, {k: v for k, v in runs[name].items() if k != "net"}, flush=True)
     runs["one-shot SVD after training (weight)"] = one_shot(model, runs["dense"], quick, "weight")
@@ -178,7 +177,7 @@ def run_seed(model: str, seed: int, epochs: int, quick: bool) -> dict[str, dict]
     reference = runs[BUDGET_RUN]
     runs["ModelPruning (L1, equal params)"] = pruned(model, seed, epochs, quick, reference)
     width = narrowed_width(model, reference["params"])
-    runs["small dense (equal params)"] = fit(model, seed, epochs, quick, [], width)
+    runs["small dense (equal params)"] = fit(model, seed, epochs, quick, lambda net: [], width)
     runs["small dense (equal params)"]["width"] = width
     for name, ms in latencies({name: run["net"] for name, run in runs.items()}, model).items():
         runs[name]["latency"] = ms

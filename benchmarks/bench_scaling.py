@@ -22,7 +22,17 @@ import torch
 from torch import nn
 
 from benchmarks.bench_factored import BATCH, infer_step, train_step
-from benchmarks.common import command, device_args, markdown_table, mib, reset_peak_rss, rss, time_it, write_result
+from benchmarks.common import (
+    command,
+    device_args,
+    markdown_table,
+    mib,
+    reset_peak_rss,
+    rss,
+    tensor_bytes,
+    time_it,
+    write_result,
+)
 from lmd_lightning import FactoredLinear
 from lmd_lightning.svd import truncated_svd
 
@@ -57,7 +67,7 @@ def row(n: int) -> dict:
     for name, layer in (("dense", dense), ("factored", factored)):
         result[f"train_{name}"] = time_it(lambda: train_step(layer, x, grad_out), repeats=repeats, warmup=2)
         result[f"infer_{name}"] = time_it(lambda: infer_step(layer, x.detach()), repeats=repeats, warmup=2)
-        result[f"bytes_{name}"] = sum(p.numel() * p.element_size() for p in layer.parameters())
+        result[f"bytes_{name}"] = tensor_bytes(layer.parameters())
     print(result, flush=True)
     return result
 

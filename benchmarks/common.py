@@ -59,6 +59,11 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def tensor_bytes(tensors) -> int:
+    """Bytes held by the tensors among `tensors` (other items, such as None gradients, are skipped)."""
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
 def mib(n: int) -> str:
     return f"{n / 2**20:,.1f}"
 
