@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.common import markdown_table, write_result
-from lmd_lightning import ConvergenceMonitor, EnergyRank, LMDCompression, trainer_surgery
+from lmd_lightning import ConvergenceMonitor, EnergyRank, LMDCompression
+from lmd_lightning.callback import surgery
+from lmd_lightning.cli.quickstart import mlp
 from lmd_lightning.data import load_mnist1d
-from lmd_lightning.quickstart import mlp
 
 
 class MLPModule(pl.LightningModule):
@@ -56,8 +57,14 @@ def fit(loader: DataLoader, epochs: int, callbacks: list, accelerator: str) -> t
     pl.seed_everything(0, verbose=False)
     timer = EpochTimer()
     trainer = pl.Trainer(
-        max_epochs=epochs, accelerator=accelerator, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, limit_val_batches=0, callbacks=[*callbacks, timer],
+        max_epochs=epochs,
+        accelerator=accelerator,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        callbacks=[*callbacks, timer],
     )
     trainer.fit(MLPModule(epochs), loader)
     return statistics.median(timer.times[1:]), trainer.num_training_batches
@@ -72,7 +79,10 @@ class AlternatingHook(LMDCompression):
 
     def __init__(self, every_n_steps: int | None) -> None:
         super().__init__(
-            EnergyRank(0.7), trigger=ConvergenceMonitor(min_steps=10**9), min_epochs=10**6, every_n_steps=every_n_steps or 1
+            EnergyRank(0.7),
+            trigger=ConvergenceMonitor(min_steps=10**9),
+            min_epochs=10**6,
+            every_n_steps=every_n_steps or 1,
         )
         self.null = every_n_steps is None  # a control: never on, to show the noise floor of the comparison
         self.active, self.hook_seconds, self.hook_steps = False, 0.0, 0
@@ -90,8 +100,12 @@ class AlternatingHook(LMDCompression):
 
 
 OVERHEAD_HEADER = [
-    "‖∇L‖ measured", "epoch time, monitoring off", "epoch time, monitoring on", "end-to-end overhead",
-    "time in the hook per step", "hook share of a step",
+    "‖∇L‖ measured",
+    "epoch time, monitoring off",
+    "epoch time, monitoring on",
+    "end-to-end overhead",
+    "time in the hook per step",
+    "hook share of a step",
 ]
 
 
@@ -103,8 +117,14 @@ def overhead_table(loader: DataLoader, epochs: int, repeats: int, accelerator: s
             callback, timer = AlternatingHook(every), EpochTimer()
             pl.seed_everything(0, verbose=False)
             trainer = pl.Trainer(
-                max_epochs=epochs, accelerator=accelerator, logger=False, enable_progress_bar=False,
-                enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, callbacks=[callback, timer],
+                max_epochs=epochs,
+                accelerator=accelerator,
+                logger=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                enable_checkpointing=False,
+                limit_val_batches=0,
+                callbacks=[callback, timer],
             )
             trainer.fit(MLPModule(epochs), loader)
             steps = trainer.num_training_batches
@@ -112,12 +132,20 @@ def overhead_table(loader: DataLoader, epochs: int, repeats: int, accelerator: s
             off += timer.times[1::2]
             hook.append(callback.hook_seconds / max(callback.hook_steps, 1))
         a, b, h = statistics.median(off), statistics.median(on), statistics.median(hook)
-        label = "never (control: even vs odd epochs)" if every is None else f"every {every} step{'s' if every > 1 else ''}"
+        label = (
+            "never (control: even vs odd epochs)" if every is None else f"every {every} step{'s' if every > 1 else ''}"
+        )
         label += " (the default)" if every == 4 else ""
-        rows.append([
-            label, f"{a * 1e3:.1f} ms", f"{b * 1e3:.1f} ms",
-            f"{100 * (b - a) / a:+.2f}%", f"{h * 1e3:.3f} ms", f"{100 * h * steps / a:.2f}%",
-        ])
+        rows.append(
+            [
+                label,
+                f"{a * 1e3:.1f} ms",
+                f"{b * 1e3:.1f} ms",
+                f"{100 * (b - a) / a:+.2f}%",
+                f"{h * 1e3:.3f} ms",
+                f"{100 * h * steps / a:.2f}%",
+            ]
+        )
     note = (
         f"{steps} steps of batch 100 per epoch. Each row: {repeats} runs of {epochs} epochs with monitoring on in "
         "even epochs and off in odd ones; medians over those epochs (the first is warm-up). Goal: overhead ≤ 2%."
@@ -127,7 +155,7 @@ def overhead_table(loader: DataLoader, epochs: int, repeats: int, accelerator: s
 
 def swap_table(loader: DataLoader, epochs: int, accelerator: str) -> str:
     timings: dict[str, float] = {}
-    real_rebuild, real_apply = trainer_surgery.rebuild, LMDCompression._apply
+    real_rebuild, real_apply = surgery.rebuild, LMDCompression._apply
 
     def timed_rebuild(trainer, before):
         start = time.perf_counter()
@@ -141,11 +169,16 @@ def swap_table(loader: DataLoader, epochs: int, accelerator: str) -> str:
         timings["compress_"] = time.perf_counter() - start
         return out
 
-    trainer_surgery.rebuild, LMDCompression._apply = timed_rebuild, timed_apply
+    surgery.rebuild, LMDCompression._apply = timed_rebuild, timed_apply
     try:
-        fit(loader, epochs, [LMDCompression(EnergyRank(0.7), trigger="epoch", min_epochs=1, exclude="net.6")], accelerator)
+        fit(
+            loader,
+            epochs,
+            [LMDCompression(EnergyRank(0.7), trigger="epoch", min_epochs=1, exclude="net.6")],
+            accelerator,
+        )
     finally:
-        trainer_surgery.rebuild, LMDCompression._apply = real_rebuild, real_apply
+        surgery.rebuild, LMDCompression._apply = real_rebuild, real_apply
     rows = [
         [
             "`compress_` (spectra, ranks, factors, swap) of 3 layers, EnergyRank(0.7)",

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import markdown_table, write_result
-from lmd_lightning.convergence import ConvergenceMonitor, grad_norm
+from lmd_lightning.cli.quickstart import mlp
 from lmd_lightning.data import Split, load_mnist1d
-from lmd_lightning.quickstart import mlp
+from lmd_lightning.monitors.convergence import ConvergenceMonitor, grad_norm
 
 BATCH = 100
 # The defaults when this study was made; it moved the library's to patience=5, rel_tol=0.1 (see CURRENT).
@@ -150,11 +150,22 @@ def mean_std(values: list[float], fmt: str = "{:.1f}") -> str:
 
 
 SETTINGS_HEADER = [
-    "setting", "fired", "fire epoch (per seed)", "criterion", "fire − reference (epochs)",
-    "val acc at fire − run max (pts)", "same, 3-epoch smoothed", "highest plateau streak before the reference",
+    "setting",
+    "fired",
+    "fire epoch (per seed)",
+    "criterion",
+    "fire − reference (epochs)",
+    "val acc at fire − run max (pts)",
+    "same, 3-epoch smoothed",
+    "highest plateau streak before the reference",
 ]
 RUNS_HEADER = [
-    "run", "max val acc", "epoch of max", "reference epoch", "smoothed acc at reference", "val acc, last epoch",
+    "run",
+    "max val acc",
+    "epoch of max",
+    "reference epoch",
+    "smoothed acc at reference",
+    "val acc, last epoch",
     "‖∇L‖ EMA: peak → last epoch",
 ]
 TRACE_HEADER = ["epoch", "val acc", "train loss", "‖∇L‖ EMA (β=0.9)", "raw ‖∇L‖ over the epoch: mean (min–max)"]
@@ -174,8 +185,14 @@ def settings_row(runs: list[Run], name: str, over: dict) -> list[str]:
     gap_smooth = [r.smoothed()[r.fire_epoch(name) - 1] - max(r.smoothed()) for r in fired]
     kinds = sorted({criterion(r.fired[name][1]) for r in fired})
     return [
-        label, f"{len(fired)}/{len(runs)}", f"{mean_std(epochs)} ({', '.join(map(str, epochs))})", "/".join(kinds),
-        mean_std(lag, "{:+.1f}"), mean_std(gap, "{:+.1f}"), mean_std(gap_smooth, "{:+.1f}"), streak,
+        label,
+        f"{len(fired)}/{len(runs)}",
+        f"{mean_std(epochs)} ({', '.join(map(str, epochs))})",
+        "/".join(kinds),
+        mean_std(lag, "{:+.1f}"),
+        mean_std(gap, "{:+.1f}"),
+        mean_std(gap_smooth, "{:+.1f}"),
+        streak,
     ]
 
 
@@ -188,8 +205,13 @@ def runs_row(r: Run) -> list[str]:
     best = max(r.val_acc)
     ref = r.reference_epoch()
     return [
-        f"{r.optimizer} seed {r.seed}", f"{best:.2f}", str(r.val_acc.index(best) + 1), str(ref),
-        f"{r.smoothed()[ref - 1]:.2f}", f"{r.val_acc[-1]:.2f}", f"{max(r.ema):.3g} → {r.ema[-1]:.3g}",
+        f"{r.optimizer} seed {r.seed}",
+        f"{best:.2f}",
+        str(r.val_acc.index(best) + 1),
+        str(ref),
+        f"{r.smoothed()[ref - 1]:.2f}",
+        f"{r.val_acc[-1]:.2f}",
+        f"{max(r.ema):.3g} → {r.ema[-1]:.3g}",
     ]
 
 
@@ -201,7 +223,8 @@ def trace_row(runs: list[Run], e: int) -> list[str]:
     spe = runs[0].steps_per_epoch
     raw = [n for r in runs for n in r.norms[(e - 1) * spe : e * spe]]
     return [
-        str(e), f"{statistics.fmean(r.val_acc[e - 1] for r in runs):.2f}",
+        str(e),
+        f"{statistics.fmean(r.val_acc[e - 1] for r in runs):.2f}",
         f"{statistics.fmean(r.train_loss[e - 1] for r in runs):.3f}",
         f"{statistics.fmean(r.ema[e - 1] for r in runs):.3g}",
         f"{statistics.fmean(raw):.3g} ({min(raw):.3g}–{max(raw):.3g})",
@@ -237,23 +260,27 @@ def main(argv: list[str] | None = None) -> None:
             t = time.perf_counter()
             run = train_run(opt, seed, epochs, train, val, args.every)
             runs[opt].append(run)
-            print(f"{opt} seed {seed}: max val acc {max(run.val_acc):.2f}, reference epoch {run.reference_epoch()}, "
-                  f"defaults fire at epoch {run.fire_epoch('defaults')} ({time.perf_counter() - t:.0f} s)", flush=True)
+            print(
+                f"{opt} seed {seed}: max val acc {max(run.val_acc):.2f}, reference epoch {run.reference_epoch()}, "
+                f"defaults fire at epoch {run.fire_epoch('defaults')} ({time.perf_counter() - t:.0f} s)",
+                flush=True,
+            )
     elapsed = time.perf_counter() - start
 
     spe = runs[OPTIMIZERS[0]][0].steps_per_epoch
     body = [
         f"{len(train.y)} train / {len(val.y)} val samples, batch {BATCH} ({spe} steps per epoch), {epochs} epochs, "
-        f"seeds {', '.join(map(str, range(seeds)))}; {elapsed:.0f} s in all. \"defaults\" are the study's baseline: "
+        f'seeds {", ".join(map(str, range(seeds)))}; {elapsed:.0f} s in all. "defaults" are the study\'s baseline: '
         + ", ".join(f"{k}={v}" for k, v in DEFAULTS.items())
         + "; each other row changes one of them. ConvergenceMonitor's defaults now are "
         + ", ".join(f"{k}={v}" for k, v in CURRENT.items())
-        + " (the row `rel_tol=0.1, patience=5`), chosen from this study. Fire epoch: the 1-based epoch during which the monitor "
+        + " (the row `rel_tol=0.1, patience=5`), chosen from this study. "
+        "Fire epoch: the 1-based epoch during which the monitor "
         "fired (per seed in brackets); reference: first epoch whose 3-epoch-smoothed val accuracy is within "
         "1 point of the run's smoothed maximum. A negative fire − reference means the monitor fired while "
         "val accuracy was still climbing. Mean ± std over the seeds that fired. Highest plateau streak: the "
         "most consecutive plateau checks the monitor saw before the reference epoch, per seed: the margin by "
-        "which the plateau criterion stayed quiet while accuracy was still climbing.",
+        "which the plateau criterion stayed quiet while accuracy was still climbing."
     ]
     titles = {"adam": "Adam, lr 1e-3 constant", "sgd": "SGD, lr 0.05, momentum 0.9, cosine over the run"}
     for opt in OPTIMIZERS:
@@ -280,7 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     name = "convergence_quick" if args.quick else "convergence" + (f"_every{args.every}" if args.every > 1 else "")
     command = "python -m benchmarks.bench_convergence" + (" --quick" if args.quick else "")
     command += f" --every {args.every}" if args.every > 1 else ""
-    path = write_result(name, "ConvergenceMonitor settings vs. val-accuracy plateaus (MNIST-1D MLP)", "\n\n".join(body), command)
+    path = write_result(
+        name, "ConvergenceMonitor settings vs. val-accuracy plateaus (MNIST-1D MLP)", "\n\n".join(body), command
+    )
     print(path.read_text())
 
 

@@ -77,14 +77,26 @@ def bench_shape(in_features: int, out_features: int, rank: int, device: str, rep
 
     row = {"in": in_features, "out": out_features, "rank": rank, "ratio": mac_ratio(in_features, out_features, rank)}
     for name, layer in (("dense", dense), ("balanced", balanced), ("svd", svd)):
-        row[f"train_{name}"] = time_it(lambda: train_step(layer, x, grad_out), repeats=repeats, warmup=warmup, device=device)
-        row[f"infer_{name}"] = time_it(lambda: infer_step(layer, x_infer), repeats=repeats, warmup=warmup, device=device)
+        row[f"train_{name}"] = time_it(
+            lambda: train_step(layer, x, grad_out), repeats=repeats, warmup=warmup, device=device
+        )
+        row[f"infer_{name}"] = time_it(
+            lambda: infer_step(layer, x_infer), repeats=repeats, warmup=warmup, device=device
+        )
     return row
 
 
 TABLE_HEADER = [
-    "shape (in×out)", "rank", "dense ms", "factored ms (balanced)", "factored ms (svd)", "speed-up (balanced)",
-    "speed-up (svd)", "MAC ratio m·n/(r·(m+n))", "efficiency (balanced)", "efficiency (svd)",
+    "shape (in×out)",
+    "rank",
+    "dense ms",
+    "factored ms (balanced)",
+    "factored ms (svd)",
+    "speed-up (balanced)",
+    "speed-up (svd)",
+    "MAC ratio m·n/(r·(m+n))",
+    "efficiency (balanced)",
+    "efficiency (svd)",
 ]
 
 
@@ -92,9 +104,16 @@ def table_row(row: dict, kind: str) -> list[str]:
     dense, bal, svd = row[f"{kind}_dense"], row[f"{kind}_balanced"], row[f"{kind}_svd"]
     speed_bal, speed_svd, ratio = dense / bal, dense / svd, row["ratio"]
     return [
-        f"{row['in']}×{row['out']}", str(row["rank"]), f"{dense * 1e3:.3f}", f"{bal * 1e3:.3f}", f"{svd * 1e3:.3f}",
-        f"{speed_bal:.2f}×", f"{speed_svd:.2f}×", f"{ratio:.2f}×",
-        f"{speed_bal / ratio:.2f}", f"{speed_svd / ratio:.2f}",
+        f"{row['in']}×{row['out']}",
+        str(row["rank"]),
+        f"{dense * 1e3:.3f}",
+        f"{bal * 1e3:.3f}",
+        f"{svd * 1e3:.3f}",
+        f"{speed_bal:.2f}×",
+        f"{speed_svd:.2f}×",
+        f"{ratio:.2f}×",
+        f"{speed_bal / ratio:.2f}",
+        f"{speed_svd / ratio:.2f}",
     ]
 
 
@@ -130,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     notes = (
         f"float32, batch {BATCH}, bias on, median of {repeats} runs after {warmup} warm-up runs "
         f"(benchmarks.common.time_it). Factored layers built with `FactoredLinear.from_linear(linear, rank)` "
-        f"(`parametrization=\"balanced\"`, the default) and with `parametrization=\"svd\"`.\n"
+        f'(`parametrization="balanced"`, the default) and with `parametrization="svd"`.\n'
         "speed-up = dense ms / factored ms; efficiency = speed-up / MAC ratio (1.0 means the factored layer "
         "runs as fast as its MAC count allows)."
     )

@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 
 from benchmarks.common import command, device_args, markdown_table, write_result
 from benchmarks.mnist1d import build, mean_std, trainer
-from lmd_lightning import DataMetric, GlobalBudget, LMDCompression, Regularizer
+from lmd_lightning import DataMetric, GlobalBudget, Guard, LMDCompression, Regularizer
 
 # Shares of the targeted layers' parameters kept: the recipe's setting, then a harsher one where
 # one-shot truncation loses accuracy. The regularizers run at the last budget of each list.
@@ -45,13 +45,20 @@ REGULARIZERS = {
 }
 
 
-def run_variant(model: str, budget: float, dense_state: dict, kwargs: dict, epochs: int, seed: int, quick: bool) -> dict:
+def run_variant(
+    model: str, budget: float, dense_state: dict, kwargs: dict, epochs: int, seed: int, quick: bool
+) -> dict:
     pl.seed_everything(seed, verbose=False)
     net, data = build(model, quick)
     net.load_state_dict(dense_state)
     lmd = LMDCompression(
-        GlobalBudget(params=budget), trigger="epoch", min_epochs=0, exclude="*head",
-        monitor="val_acc", guard_batches=1000, sweep_points=0, **kwargs,
+        GlobalBudget(params=budget),
+        trigger="epoch",
+        min_epochs=0,
+        exclude="*head",
+        monitor="val_acc",
+        guard=Guard(batches=1000, sweep_points=0),
+        **kwargs,
     )
     start = time.perf_counter()
     fit = trainer(epochs, [lmd])
@@ -60,8 +67,12 @@ def run_variant(model: str, budget: float, dense_state: dict, kwargs: dict, epoc
     val = float(fit.callback_metrics["val_acc"])
     test = fit.test(net, datamodule=data, verbose=False)[0]["test_acc"]
     return {
-        "params": sum(p.numel() for p in net.parameters()), "dense": lmd.guard["before"] * 100,
-        "one_shot": lmd.guard["after"] * 100, "val": val * 100, "test": test * 100, "seconds": seconds,
+        "params": sum(p.numel() for p in net.parameters()),
+        "dense": lmd.guard_record.before * 100,
+        "one_shot": lmd.guard_record.after * 100,
+        "val": val * 100,
+        "test": test * 100,
+        "seconds": seconds,
     }
 
 
@@ -84,12 +95,26 @@ def table(results: dict[str, list[dict]], dense_params: int) -> str:
         col = {key: [r[key] for r in runs] for key in runs[0]}
         tuned = "λ=" in name
         test = mean_std(col["test"]) if not tuned or name in chosen else "(not chosen)"
-        rows.append([
-            name + (" ✓" if name in chosen else ""), f"{int(statistics.mean(col['params'])):,}",
-            mean_std(col["dense"]), mean_std(col["one_shot"]), mean_std(col["val"]), test, f"{statistics.mean(col['seconds']):.0f}",
-        ])
-    header = ["variant", f"params (dense {dense_params:,})", "val dense", "val one-shot", "val fine-tuned",
-              "test fine-tuned", "fine-tune s"]
+        rows.append(
+            [
+                name + (" ✓" if name in chosen else ""),
+                f"{int(statistics.mean(col['params'])):,}",
+                mean_std(col["dense"]),
+                mean_std(col["one_shot"]),
+                mean_std(col["val"]),
+                test,
+                f"{statistics.mean(col['seconds']):.0f}",
+            ]
+        )
+    header = [
+        "variant",
+        f"params (dense {dense_params:,})",
+        "val dense",
+        "val one-shot",
+        "val fine-tuned",
+        "test fine-tuned",
+        "fine-tune s",
+    ]
     return markdown_table(header, rows, "lrrrrrr")
 
 
@@ -100,22 +125,33 @@ def main(argv: list[str] | None = None) -> None:
     extra.add_argument("--dense-epochs", type=int, default=20)
     extra.add_argument("--finetune-epochs", type=int, default=20)
     extra.add_argument("--out", default="lmd", help="result file name: benchmarks/results/<out>.md")
-    extra.add_argument("--truncation-only", nargs="*", default=["transformer"],
-                       help="models that run the truncation variants only (the transformer: ~5 s per epoch here)")
+    extra.add_argument(
+        "--truncation-only",
+        nargs="*",
+        default=["transformer"],
+        help="models that run the truncation variants only (the transformer: ~5 s per epoch here)",
+    )
     known, rest = extra.parse_known_args(argv)
     args = device_args(__doc__.splitlines()[0], "MLP only, 2 + 2 epochs on 1,000 samples, 1 seed, 4 variants", rest)
     if args.quick:
         models, seeds, dense_epochs, finetune_epochs = ["mlp"], [0], 2, 2
         variants = {**TRUNCATION, "maps + laplacian λ=1": REGULARIZERS["maps + laplacian λ=1"]}
     else:
-        models, seeds, dense_epochs, finetune_epochs = known.models, known.seeds, known.dense_epochs, known.finetune_epochs
+        models, seeds, dense_epochs, finetune_epochs = (
+            known.models,
+            known.seeds,
+            known.dense_epochs,
+            known.finetune_epochs,
+        )
         variants = {**TRUNCATION, **REGULARIZERS}
     sections = []
     for model in models:
         budgets = BUDGETS[model][:1] if args.quick else BUDGETS[model]
         plan = {  # budget → its variants
-            budget: TRUNCATION if (model in known.truncation_only and not args.quick) or budget != budgets[-1]
-            else variants for budget in budgets
+            budget: TRUNCATION
+            if (model in known.truncation_only and not args.quick) or budget != budgets[-1]
+            else variants
+            for budget in budgets
         }
         results = {budget: {name: [] for name in chosen} for budget, chosen in plan.items()}
         for seed in seeds:
@@ -132,7 +168,9 @@ def main(argv: list[str] | None = None) -> None:
             )
         body = __doc__.split("\n\n", 2)[2] + "\n" + "\n\n".join(sections)  # rewritten after each model
         name = "lmd_quick" if args.quick else known.out
-        path = write_result(name, "LMD proper: data-metric truncation and metric-map regularizers", body, command("bench_lmd", argv))
+        path = write_result(
+            name, "LMD proper: data-metric truncation and metric-map regularizers", body, command("bench_lmd", argv)
+        )
     print(path.read_text())
 
 

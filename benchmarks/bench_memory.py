@@ -26,16 +26,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.common import (
-    command,
-    device_args,
-    markdown_table,
-    mib,
-    reset_peak_rss,
-    rss,
-    tensor_bytes,
-    write_result,
-)
+from benchmarks.common import command, device_args, markdown_table, mib, reset_peak_rss, rss, tensor_bytes, write_result
 
 CONTENDERS = {"dense": None, "factored r = width/4": 0.25, "factored r = width/16": 1 / 16}
 
@@ -55,11 +46,15 @@ class MemoryProbe(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         params = list(pl_module.parameters())
         state = [v for s in trainer.optimizers[0].state.values() for v in s.values()]
-        self.epochs[-1].update({
-            "params": sum(p.numel() for p in params), "param_bytes": tensor_bytes(params),
-            "grad_bytes": tensor_bytes(p.grad for p in params), "optimizer_bytes": tensor_bytes(state),
-            "peak": rss("VmHWM"),
-        })
+        self.epochs[-1].update(
+            {
+                "params": sum(p.numel() for p in params),
+                "param_bytes": tensor_bytes(params),
+                "grad_bytes": tensor_bytes(p.grad for p in params),
+                "optimizer_bytes": tensor_bytes(state),
+                "peak": rss("VmHWM"),
+            }
+        )
         self.peak_reset &= reset_peak_rss()
 
 
@@ -72,11 +67,19 @@ def _train(ratio: float | None, width: int, samples: int, out) -> None:
     model = MLPClassifier(widths=(width,) * 4, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
     data = TensorDataset(torch.randn(samples, 40), torch.randint(0, 10, (samples,)))
     probe = MemoryProbe()
-    callbacks = [] if ratio is None else [
-        LMDCompression(RankRatio(ratio), trigger="epoch", min_epochs=1, exclude="*head")]
+    callbacks = (
+        [] if ratio is None else [LMDCompression(RankRatio(ratio), trigger="epoch", min_epochs=1, exclude="*head")]
+    )
     trainer = pl.Trainer(
-        max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, probe], limit_val_batches=0,
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*callbacks, probe],
+        limit_val_batches=0,
     )
     trainer.fit(model, DataLoader(data, batch_size=100))
     out.put({"epochs": probe.epochs, "peak_reset": probe.peak_reset})
@@ -101,11 +104,18 @@ def rows(width: int, samples: int) -> tuple[list[list[str]], bool]:
         reset &= result["peak_reset"]
         for epoch, record in enumerate(result["epochs"]):
             phase = "dense" if epoch == 0 or ratio is None else "after the swap"
-            table.append([
-                f"{width}", name, f"{epoch} ({phase})", f"{record['params']:,}",
-                *(mib(record[key]) for key in ("param_bytes", "grad_bytes", "optimizer_bytes", "peak_start",
-                                               "rss_start", "peak")),
-            ])
+            table.append(
+                [
+                    f"{width}",
+                    name,
+                    f"{epoch} ({phase})",
+                    f"{record['params']:,}",
+                    *(
+                        mib(record[key])
+                        for key in ("param_bytes", "grad_bytes", "optimizer_bytes", "peak_start", "rss_start", "peak")
+                    ),
+                ]
+            )
             print(table[-1], flush=True)
     return table, reset
 
@@ -118,13 +128,27 @@ def main(argv: list[str] | None = None) -> None:
         table, ok = rows(width, samples)
         all_rows += table
         reset &= ok
-    header = ["width", "contender", "epoch", "params", "param MiB", "grad MiB", "optimizer-state MiB",
-              "peak RSS at its start MiB", "RSS then MiB", "peak RSS in it MiB"]
+    header = [
+        "width",
+        "contender",
+        "epoch",
+        "params",
+        "param MiB",
+        "grad MiB",
+        "optimizer-state MiB",
+        "peak RSS at its start MiB",
+        "RSS then MiB",
+        "peak RSS in it MiB",
+    ]
     note = "" if reset else "\n\nNote: /proc/self/clear_refs was not writable: every peak is the process's so far.\n"
     table = markdown_table(header, all_rows, "llrrrrrrrr")
     body = __doc__.split("\n\n", 2)[2] + f"\n{samples} samples per epoch.\n\n" + table + note
-    path = write_result("memory_quick" if args.quick else "memory", "Memory: dense vs factored training", body,
-                        command("bench_memory", argv))
+    path = write_result(
+        "memory_quick" if args.quick else "memory",
+        "Memory: dense vs factored training",
+        body,
+        command("bench_memory", argv),
+    )
     print(path.read_text())
 
 

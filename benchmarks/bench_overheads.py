@@ -35,10 +35,10 @@ from torch import nn
 
 from benchmarks.common import command, device_args, markdown_table, time_it, write_result
 from lmd_lightning import EnergyRank, RankRatio, StableRankMonitor, compress_
-from lmd_lightning.calibration import layer_weight
-from lmd_lightning.guard import measure_and_guard
+from lmd_lightning.callback.guard import measure_and_guard
 from lmd_lightning.models import CNN1DClassifier, MLPClassifier, ResNetClassifier, TransformerClassifier
-from lmd_lightning.targets import find_targets, undo, undo_record
+from lmd_lightning.truncate.calibration import layer_weight
+from lmd_lightning.truncate.targets import find_targets, undo, undo_record
 
 MODELS = {  # name → constructor, at the sizes the recipes and benchmarks use
     "MNIST-1D MLP (3×512)": lambda: MLPClassifier(widths=(512, 512, 512)),
@@ -73,10 +73,18 @@ def truncation_rows(models: list[str], repeats: int) -> list[list[str]]:
         for policy_name, policy in POLICIES.items():
             exact, err_exact, layers = time_compress(base, policy, "exact", repeats)
             rand, err_rand, _ = time_compress(base, policy, "randomized", repeats)
-            rows.append([
-                name, f"{params / 1e6:.2f}M", policy_name, str(layers), f"{exact * 1e3:.0f}", f"{rand * 1e3:.0f}",
-                f"{exact / rand:.2f}×", f"{err_exact:.3f} / {err_rand:.3f}",
-            ])
+            rows.append(
+                [
+                    name,
+                    f"{params / 1e6:.2f}M",
+                    policy_name,
+                    str(layers),
+                    f"{exact * 1e3:.0f}",
+                    f"{rand * 1e3:.0f}",
+                    f"{exact / rand:.2f}×",
+                    f"{err_exact:.3f} / {err_rand:.3f}",
+                ]
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -121,7 +129,7 @@ def sweep_rows(quick: bool) -> list[list[str]]:
         outcome = measure_and_guard(EnergyRank(0.7), evaluate, apply, lambda: undo(net, record), drop, "max", 5, points)
         seconds = time.perf_counter() - start
         undo(net, record)
-        trials = len(outcome.sweep) + (len(outcome.guard["trials"]) if drop is not None else 0)
+        trials = len(outcome.sweep) + (len(outcome.record.trials) if drop is not None else 0)
         rows.append([label, str(trials), f"{seconds:.2f}", f"{seconds / trials * 1e3:.0f}", f"{one_eval * 1e3:.1f}"])
         print(rows[-1], flush=True)
     return rows
@@ -135,23 +143,38 @@ def main(argv: list[str] | None = None) -> None:
     models = list(QUICK_MODELS) if args.quick else list(MODELS)
     repeats = 1 if args.quick else known.repeats
     truncation = markdown_table(
-        ["model", "params", "policy", "layers truncated", "exact ms", "randomized ms", "speed-up",
-         "mean rel. error exact / randomized"],
-        truncation_rows(models, repeats), "llrrrrrr",
+        [
+            "model",
+            "params",
+            "policy",
+            "layers truncated",
+            "exact ms",
+            "randomized ms",
+            "speed-up",
+            "mean rel. error exact / randomized",
+        ],
+        truncation_rows(models, repeats),
+        "llrrrrrr",
     )
     monitor = markdown_table(
-        ["model", "layers", "start ms (once)", "update ms (per epoch)"], stable_rank_rows(models), "lrrr")
+        ["model", "layers", "start ms (once)", "update ms (per epoch)"], stable_rank_rows(models), "lrrr"
+    )
     sweep = markdown_table(
         ["on the MNIST-1D MLP", "compressions evaluated", "total s", "ms per point", "one evaluation ms"],
-        sweep_rows(args.quick), "lrrrr",
+        sweep_rows(args.quick),
+        "lrrrr",
     )
     body = (
         __doc__.split("\n\n", 2)[2] + f"\n## Truncation, median of {repeats}\n\n{truncation}\n\n"
         f"## The stable-rank trigger\n\n{monitor}\n\n"
         f"## Rank–accuracy sweep and accuracy guard\n\n{sweep}\n"
     )
-    path = write_result("overheads_quick" if args.quick else "overheads", "Overheads: truncation and the sweep",
-                        body, command("bench_overheads", argv))
+    path = write_result(
+        "overheads_quick" if args.quick else "overheads",
+        "Overheads: truncation and the sweep",
+        body,
+        command("bench_overheads", argv),
+    )
     print(path.read_text())
 
 

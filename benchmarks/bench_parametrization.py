@@ -117,8 +117,12 @@ def load_data() -> Data:
         return (x - mean) / std
 
     return Data(
-        norm(splits["train"].x), splits["train"].y, norm(splits["val"].x), splits["val"].y,
-        norm(splits["test"].x), splits["test"].y,
+        norm(splits["train"].x),
+        splits["train"].y,
+        norm(splits["val"].x),
+        splits["val"].y,
+        norm(splits["test"].x),
+        splits["test"].y,
     )
 
 
@@ -174,11 +178,15 @@ def pretrain(seed: int, data: Data, epochs: int, swap_epoch: int, steps_per_epoc
     generator = torch.Generator().manual_seed(10_000 + seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LR, momentum=MOMENTUM)
     total = epochs * steps_per_epoch
-    losses, nonfinite, _ = run_epochs(model, optimizer, data, generator, swap_epoch, lambda k: cosine(k, total, BASE_LR))
+    losses, nonfinite, _ = run_epochs(
+        model, optimizer, data, generator, swap_epoch, lambda k: cosine(k, total, BASE_LR)
+    )
     if nonfinite:
         raise RuntimeError(f"dense pre-training diverged (seed {seed})")
     momentum = {name: optimizer.state[p]["momentum_buffer"].clone() for name, p in model.named_parameters()}
-    return Checkpoint(copy.deepcopy(model), momentum, generator.get_state(), accuracy(model, data.val_x, data.val_y), losses)
+    return Checkpoint(
+        copy.deepcopy(model), momentum, generator.get_state(), accuracy(model, data.val_x, data.val_y), losses
+    )
 
 
 def finetune(variant: Variant, ckpt: Checkpoint, data: Data, epochs: int, swap_epoch: int, steps_per_epoch: int) -> Run:
@@ -228,23 +236,41 @@ def pct(values: list[float]) -> str:
 
 
 TABLE_HEADER = [
-    "variant", "LR after swap", "params", "val acc", "val min", "test acc", "test min",
-    "val right after swap", "worst post-swap val", "max epoch loss", "exploded",
+    "variant",
+    "LR after swap",
+    "params",
+    "val acc",
+    "val min",
+    "test acc",
+    "test min",
+    "val right after swap",
+    "worst post-swap val",
+    "max epoch loss",
+    "exploded",
 ]
 
 
 def table_row(variant: Variant, runs: list[Run]) -> list[str]:
-    lr = {"none": f"cosine {BASE_LR:g}, continued", "continue": f"cosine {BASE_LR:g}, continued",
-          "restart": f"fresh cosine from {variant.peak_lr:g}"}[variant.schedule]
+    lr = {
+        "none": f"cosine {BASE_LR:g}, continued",
+        "continue": f"cosine {BASE_LR:g}, continued",
+        "restart": f"fresh cosine from {variant.peak_lr:g}",
+    }[variant.schedule]
     exploded = sum(run.exploded for run in runs)
     nonfinite = sum(run.nonfinite for run in runs)
     flag = f"{exploded}/{len(runs)}" + (f" ({nonfinite} NaN/inf)" if nonfinite else "")
     return [
-        variant.name, lr, f"{runs[0].params:,}",
-        pct([r.val_final for r in runs]), f"{100 * min(r.val_final for r in runs):.1f}",
-        pct([r.test_final for r in runs]), f"{100 * min(r.test_final for r in runs):.1f}",
-        pct([r.val_after_swap for r in runs]), f"{100 * min(r.worst_val for r in runs):.1f}",
-        f"{max(r.max_epoch_loss for r in runs):.3f}", flag,
+        variant.name,
+        lr,
+        f"{runs[0].params:,}",
+        pct([r.val_final for r in runs]),
+        f"{100 * min(r.val_final for r in runs):.1f}",
+        pct([r.test_final for r in runs]),
+        f"{100 * min(r.test_final for r in runs):.1f}",
+        pct([r.val_after_swap for r in runs]),
+        f"{100 * min(r.worst_val for r in runs):.1f}",
+        f"{max(r.max_epoch_loss for r in runs):.3f}",
+        flag,
     ]
 
 
@@ -260,7 +286,9 @@ def mean_val(results: dict[str, list[Run]], name: str) -> float:
 def reading(results: dict[str, list[Run]], ckpts: list[Checkpoint], quick: bool) -> str:
     """A data-driven paragraph: which parametrization is safe here, and whether the collapse reproduced."""
     if quick:
-        return "Smoke run (few epochs, one seed): checks that the benchmark runs end to end; draw no conclusions from it."
+        return (
+            "Smoke run (few epochs, one seed): checks that the benchmark runs end to end; draw no conclusions from it."
+        )
     swapped = [v for v in VARIANTS if v.parametrization is not None]
     collapsed = [v.name for v in swapped if any(r.exploded or r.val_final < 0.2 for r in results[v.name])]
     bal = [v for v in swapped if v.parametrization == "balanced"]
@@ -312,7 +340,8 @@ def reading(results: dict[str, list[Run]], ckpts: list[Checkpoint], quick: bool)
         f"than balanced: worst post-swap val {worst['svd, continue'] * 100:.1f}% vs "
         f"{worst['balanced, continue'] * 100:.1f}%, max epoch loss {loss['svd, continue']:.2f} vs "
         f"{loss['balanced, continue']:.2f}. Balanced restarted at 0.1 also dips (worst val "
-        f"{worst['balanced, restart 0.1'] * 100:.1f}%, dense control {worst['dense, restart 0.1 (control)'] * 100:.1f}%) "
+        f"{worst['balanced, restart 0.1'] * 100:.1f}%, "
+        f"dense control {worst['dense, restart 0.1 (control)'] * 100:.1f}%) "
         "but recovers. A likely mechanism: with orthonormal U, V and s as a parameter, an SGD step on U moves "
         "W = U·diag(s)·Vᵀ by about σ² times the step it would take on W directly (σ of these layers is "
         "roughly 1–5), while the balanced factors U·√s, V·√s scale it by σ, so svd sees a far larger effective LR "

@@ -50,16 +50,8 @@ from pytorch_lightning.callbacks import ModelPruning
 from benchmarks import mnist1d
 from benchmarks.common import RESULTS, command, device_args, markdown_table, time_it, write_result
 from benchmarks.mnist1d import build, mean_std
-from lmd_lightning import (
-    EnergyRank,
-    ErrorBound,
-    GlobalBudget,
-    LMDCompression,
-    RankRatio,
-    StableRank,
-    compress_,
-)
-from lmd_lightning.targets import find_targets
+from lmd_lightning import EnergyRank, ErrorBound, GlobalBudget, LMDCompression, RankRatio, StableRank, compress_
+from lmd_lightning.truncate.targets import find_targets
 
 BUDGET = {"mlp": 0.2, "cnn": 0.5, "transformer": 0.5}
 EPOCHS = {"mlp": 40, "cnn": 40, "transformer": 40}  # the recipes' max_epochs
@@ -68,14 +60,17 @@ BUDGET_RUN = "‖∇L‖ + GlobalBudget"
 TRAINED = {  # contender → its LMDCompression (None: dense); `epochs` is the run's length
     "dense": lambda model, epochs: None,
     "Pufferfish (epoch, RankRatio 1/4)": lambda model, epochs: LMDCompression(
-        RankRatio(0.25), trigger="epoch", min_epochs=max(1, round(epochs * 80 / 300)), exclude="*head"),
+        RankRatio(0.25), trigger="epoch", min_epochs=max(1, round(epochs * 80 / 300)), exclude="*head"
+    ),
     "Cuttlefish (stable rank)": lambda model, epochs: LMDCompression(
-        StableRank(), trigger="stable_rank", exclude="*head"),
+        StableRank(), trigger="stable_rank", exclude="*head"
+    ),
     "‖∇L‖ + EnergyRank(0.7)": lambda model, epochs: LMDCompression(EnergyRank(0.7), exclude="*head"),
     "‖∇L‖ + ErrorBound(0.3)": lambda model, epochs: LMDCompression(ErrorBound(0.3), exclude="*head"),
     BUDGET_RUN: lambda model, epochs: LMDCompression(GlobalBudget(params=BUDGET[model]), exclude="*head"),
     "‖∇L‖ + GlobalBudget, data metric": lambda model, epochs: LMDCompression(
-        GlobalBudget(params=BUDGET[model]), exclude="*head", metric="data"),
+        GlobalBudget(params=BUDGET[model]), exclude="*head", metric="data"
+    ),
 }
 
 
@@ -99,8 +94,14 @@ def outcome(net: pl.LightningModule, data: pl.LightningDataModule, seconds: floa
     return {"net": net, "params": nonzero_params(net), "val": val, "test": test, "seconds": seconds}
 
 
-def fit(model: str, seed: int, epochs: int, quick: bool, callbacks: Callable[[pl.LightningModule], list],
-        width: int | None = None) -> dict:
+def fit(
+    model: str,
+    seed: int,
+    epochs: int,
+    quick: bool,
+    callbacks: Callable[[pl.LightningModule], list],
+    width: int | None = None,
+) -> dict:
     """Train from `seed` with `callbacks(net)`; the outcome, train time included."""
     pl.seed_everything(seed, verbose=False)
     net, data = build(model, quick, width)
@@ -129,10 +130,16 @@ def pruned(model: str, seed: int, epochs: int, quick: bool, reference: dict) -> 
         removed = sum(p.numel() for p in net.parameters()) - reference["params"]
         if not 0 < removed < prunable:
             raise ValueError(f"cannot prune {removed:,} of the {prunable:,} prunable weights to match the reference")
-        return [ModelPruning(
-            "l1_unstructured", parameters_to_prune=weights, amount=removed / prunable,
-            apply_pruning=lambda epoch: epoch == at, use_lottery_ticket_hypothesis=False, verbose=0,
-        )]
+        return [
+            ModelPruning(
+                "l1_unstructured",
+                parameters_to_prune=weights,
+                amount=removed / prunable,
+                apply_pruning=lambda epoch: epoch == at,
+                use_lottery_ticket_hypothesis=False,
+                verbose=0,
+            )
+        ]
 
     return {**fit(model, seed, epochs, quick, pruning), "compressed_epoch": reference["compressed_epoch"]}
 
@@ -185,10 +192,17 @@ def run_seed(model: str, seed: int, epochs: int, quick: bool) -> dict[str, dict]
 
 
 ORDER = (
-    "dense", "one-shot SVD after training (weight)", "one-shot SVD after training (data)",
-    "Pufferfish (epoch, RankRatio 1/4)", "Cuttlefish (stable rank)", "‖∇L‖ + EnergyRank(0.7)",
-    "‖∇L‖ + ErrorBound(0.3)", BUDGET_RUN, "‖∇L‖ + GlobalBudget, data metric",
-    "ModelPruning (L1, equal params)", "small dense (equal params)",
+    "dense",
+    "one-shot SVD after training (weight)",
+    "one-shot SVD after training (data)",
+    "Pufferfish (epoch, RankRatio 1/4)",
+    "Cuttlefish (stable rank)",
+    "‖∇L‖ + EnergyRank(0.7)",
+    "‖∇L‖ + ErrorBound(0.3)",
+    BUDGET_RUN,
+    "‖∇L‖ + GlobalBudget, data metric",
+    "ModelPruning (L1, equal params)",
+    "small dense (equal params)",
 )
 
 
@@ -201,12 +215,28 @@ def table(results: dict[str, list[dict]]) -> str:
         epochs = [r.get("compressed_epoch") for r in runs]
         at = "–" if None in epochs else ", ".join(map(str, epochs))
         column = {key: [r[key] for r in runs] for key in ("latency", "val", "test", "seconds")}
-        rows.append([
-            name, f"{int(params):,}", f"{dense_params / params:.2f}×", mean_std(column["latency"]), at,
-            mean_std(column["val"]), mean_std(column["test"]), f"{statistics.mean(column['seconds']):.0f}",
-        ])
-    header = ["contender", "params (non-zero)", "smaller", f"latency ms (batch {LATENCY_BATCH})", "switch epoch",
-              "val acc %", "test acc %", "train s"]
+        rows.append(
+            [
+                name,
+                f"{int(params):,}",
+                f"{dense_params / params:.2f}×",
+                mean_std(column["latency"]),
+                at,
+                mean_std(column["val"]),
+                mean_std(column["test"]),
+                f"{statistics.mean(column['seconds']):.0f}",
+            ]
+        )
+    header = [
+        "contender",
+        "params (non-zero)",
+        "smaller",
+        f"latency ms (batch {LATENCY_BATCH})",
+        "switch epoch",
+        "val acc %",
+        "test acc %",
+        "train s",
+    ]
     return markdown_table(header, rows, "lrrrrrrr")
 
 
@@ -225,8 +255,15 @@ def pareto_plot(results: dict[str, list[dict]], model: str, path) -> None:
         for ax, key in zip(axes, ("params", "latency")):
             x = statistics.mean(r[key] for r in runs)
             color = f"C{index}" if index < 10 else "black"  # matplotlib's cycle has 10 colours
-            ax.errorbar(x, y, yerr=yerr, fmt=markers[index % len(markers)], color=color, capsize=3,
-                        label=name if key == "params" else None)
+            ax.errorbar(
+                x,
+                y,
+                yerr=yerr,
+                fmt=markers[index % len(markers)],
+                color=color,
+                capsize=3,
+                label=name if key == "params" else None,
+            )
     axes[0].set_xscale("log")
     axes[0].set_xlabel("parameters (non-zero)")
     axes[1].set_xlabel(f"CPU latency, batch {LATENCY_BATCH} (ms)")
@@ -244,8 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--models", nargs="+", choices=tuple(BUDGET), default=list(BUDGET))
     extra.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    extra.add_argument("--epochs", type=int, nargs="+", default=None,
-                       help="one per model (default: 40 each, as the recipes)")
+    extra.add_argument(
+        "--epochs", type=int, nargs="+", default=None, help="one per model (default: 40 each, as the recipes)"
+    )
     extra.add_argument("--out", default="quality", help="result file name: benchmarks/results/<out>.md")
     known, rest = extra.parse_known_args(argv)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # one line per run is printed below

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import write_result
-from lmd_lightning.sweep import collect, over_seeds
+from lmd_lightning.cli.tradeoff import collect, over_seeds
 
 SEEDS = "seed=0,1,2"
 COMMON = ("trainer.enable_progress_bar=false", "logger=none")
@@ -76,8 +76,12 @@ def main(argv: list[str] | None = None) -> None:
         "truncated model before any fine-tuning. `compressed at epoch` lists each seed's swap epoch (0-based); "
         "the forced epoch is 26 of 40, so an earlier epoch means the ‖∇L‖ monitor fired.\n\n" + table(args.out)
     )
-    path = write_result("recipes_mnist1d", "MNIST-1D recipes: sweeps, chosen settings, dense baselines", body,
-                        "python -m benchmarks.bench_recipes")
+    path = write_result(
+        "recipes_mnist1d",
+        "MNIST-1D recipes: sweeps, chosen settings, dense baselines",
+        body,
+        "python -m benchmarks.bench_recipes",
+    )
     print(path.read_text())
 
 

@@ -34,7 +34,7 @@ from benchmarks.common import (
     write_result,
 )
 from lmd_lightning import FactoredLinear
-from lmd_lightning.svd import truncated_svd
+from lmd_lightning.layers.svd import truncated_svd
 
 WIDTHS = (512, 1024, 2048, 4096, 8192)
 
@@ -81,17 +81,45 @@ def tables(rows: list[dict]) -> str:
         return [_ms(r[a]), _ms(r[b]), f"{r[a] / r[b]:.2f}×"]
 
     truncation = markdown_table(
-        ["n (r = n/8)", "exact ms", "randomized ms", "exact / randomized", "exact extra peak MiB",
-         "randomized extra peak MiB"],
-        [[f"{r['n']} ({r['rank']})", *cells(r, "svd_exact", "svd_randomized"),
-          mib(r["svd_exact_mem"]), mib(r["svd_randomized_mem"])] for r in rows],
+        [
+            "n (r = n/8)",
+            "exact ms",
+            "randomized ms",
+            "exact / randomized",
+            "exact extra peak MiB",
+            "randomized extra peak MiB",
+        ],
+        [
+            [
+                f"{r['n']} ({r['rank']})",
+                *cells(r, "svd_exact", "svd_randomized"),
+                mib(r["svd_exact_mem"]),
+                mib(r["svd_randomized_mem"]),
+            ]
+            for r in rows
+        ],
         "lrrrrr",
     )
     layer = markdown_table(
-        ["n (r = n/8)", "param MiB dense → factored", "train step ms dense", "factored", "speed-up",
-         "inference ms dense", "factored", "speed-up"],
-        [[f"{r['n']} ({r['rank']})", f"{mib(r['bytes_dense'])} → {mib(r['bytes_factored'])}",
-          *cells(r, "train_dense", "train_factored"), *cells(r, "infer_dense", "infer_factored")] for r in rows],
+        [
+            "n (r = n/8)",
+            "param MiB dense → factored",
+            "train step ms dense",
+            "factored",
+            "speed-up",
+            "inference ms dense",
+            "factored",
+            "speed-up",
+        ],
+        [
+            [
+                f"{r['n']} ({r['rank']})",
+                f"{mib(r['bytes_dense'])} → {mib(r['bytes_factored'])}",
+                *cells(r, "train_dense", "train_factored"),
+                *cells(r, "infer_dense", "infer_factored"),
+            ]
+            for r in rows
+        ],
         "lrrrrrrr",
     )
     growth = ""
@@ -115,8 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     args = device_args(__doc__.splitlines()[0], "widths 256 and 512", rest)
     widths = [256, 512] if args.quick else known.widths
     body = __doc__.split("\n\n", 2)[2] + "\n" + tables([row(n) for n in widths])
-    path = write_result("scaling_quick" if args.quick else "scaling", "Scaling with layer width", body,
-                        command("bench_scaling", argv))
+    path = write_result(
+        "scaling_quick" if args.quick else "scaling", "Scaling with layer width", body, command("bench_scaling", argv)
+    )
     print(path.read_text())
 
 

@@ -1,4 +1,4 @@
-"""Exact vs randomized truncated SVD (`lmd_lightning.svd.truncated_svd`): time and accuracy.
+"""Exact vs randomized truncated SVD (`lmd_lightning.layers.svd.truncated_svd`): time and accuracy.
 
 Run from the repository root:
 
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.common import device_args, markdown_table, time_it, write_result
-from lmd_lightning.svd import Factors, truncated_svd
+from lmd_lightning.layers.svd import Factors, truncated_svd
 
 SEED = 0
 TIME_RATIO_GOAL = 10.0  # exact time / randomized time
@@ -101,8 +101,16 @@ def randomized_cell(row: dict) -> str:
 
 
 MAIN_HEADER = [
-    "matrix", "shape", "rank", "exact", "randomized", "time ratio (goal ≥ 10×)", "`auto` picks",
-    "optimum rel. error (Eckart–Young)", "randomized rel. error (measured)", "relative gap (goal ≤ 1%)",
+    "matrix",
+    "shape",
+    "rank",
+    "exact",
+    "randomized",
+    "time ratio (goal ≥ 10×)",
+    "`auto` picks",
+    "optimum rel. error (Eckart–Young)",
+    "randomized rel. error (measured)",
+    "relative gap (goal ≤ 1%)",
 ]
 SCALING_HEADER = ["width", "rank", "exact", "randomized", "time ratio", "`auto` picks", "relative gap"]
 
@@ -110,16 +118,28 @@ SCALING_HEADER = ["width", "rank", "exact", "randomized", "time ratio", "`auto` 
 def main_row(label: str, r: dict) -> list[str]:
     m, n = r["shape"]
     return [
-        label, f"{m}×{n}", str(r["rank"]), fmt_time(r["t_exact"]), randomized_cell(r),
-        f"{r['t_exact'] / r['t_rand']:.1f}×", r["auto_method"], f"{r['err_opt']:.6f}", f"{r['err_rand']:.6f}",
+        label,
+        f"{m}×{n}",
+        str(r["rank"]),
+        fmt_time(r["t_exact"]),
+        randomized_cell(r),
+        f"{r['t_exact'] / r['t_rand']:.1f}×",
+        r["auto_method"],
+        f"{r['err_opt']:.6f}",
+        f"{r['err_rand']:.6f}",
         f"{100 * r['gap']:.3f}%",
     ]
 
 
 def scaling_row(r: dict) -> list[str]:
     return [
-        str(r["shape"][0]), str(r["rank"]), fmt_time(r["t_exact"]), randomized_cell(r),
-        f"{r['t_exact'] / r['t_rand']:.1f}×", r["auto_method"], f"{100 * r['gap']:.3f}%",
+        str(r["shape"][0]),
+        str(r["rank"]),
+        fmt_time(r["t_exact"]),
+        randomized_cell(r),
+        f"{r['t_exact'] / r['t_rand']:.1f}×",
+        r["auto_method"],
+        f"{100 * r['gap']:.3f}%",
     ]
 
 
@@ -141,7 +161,9 @@ def verdict(rows: list[tuple[str, dict]], quick: bool) -> str:
             f"- {label}: time ratio {ratio:.1f}× ({'met' if time_ok else 'NOT met'}, goal ≥ {TIME_RATIO_GOAL:.0f}×); "
             f"relative gap {100 * r['gap']:.3f}% ({'met' if gap_ok else 'NOT met'}, goal ≤ {100 * GAP_GOAL:.0f}%)"
         )
-    head = "Goals" + (" (quick run at a small size: for information only, the goals are set for 4096×4096)" if quick else "")
+    head = "Goals" + (
+        " (quick run at a small size: for information only, the goals are set for 4096×4096)" if quick else ""
+    )
     return head + ":\n\n" + "\n".join(lines)
 
 
@@ -168,10 +190,14 @@ def main(argv: list[str] | None = None) -> None:
         return f"median of {r[0]} run{'s' if r[0] > 1 else ''} after {r[1]} warm-up run{'s' if r[1] != 1 else ''}"
 
     notes = (
-        f"float32, seed {SEED}. `truncated_svd(W, r, method=\"exact\")` vs `method=\"randomized\"` "
+        f'float32, seed {SEED}. `truncated_svd(W, r, method="exact")` vs `method="randomized"` '
         f"(`benchmarks.common.time_it`). Exact: {runs(exact_runs)}"
-        + (" (a single run with no warm-up: the exact SVD takes tens of seconds at this size on a CPU)" if exact_runs == (1, 0) else "")
-        + f"; randomized: {runs(rand_runs)}. `auto` picks is the `.method` of an untimed `method=\"auto\"` call.\n"
+        + (
+            " (a single run with no warm-up: the exact SVD takes tens of seconds at this size on a CPU)"
+            if exact_runs == (1, 0)
+            else ""
+        )
+        + f'; randomized: {runs(rand_runs)}. `auto` picks is the `.method` of an untimed `method="auto"` call.\n'
         "Optimum rel. error = √(Σ_{i>r} σᵢ²)/‖W‖_F from the exact spectrum; randomized rel. error = "
         "‖W − U·diag(s)·Vᵀ‖_F/‖W‖_F measured directly in float64; relative gap = err_rand/err_opt − 1."
     )

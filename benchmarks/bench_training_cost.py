@@ -49,8 +49,14 @@ def run(compress: bool, widths: tuple[int, ...], epochs: int, seed: int) -> dict
     if lmd is not None:
         callbacks.append(lmd)
     trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
@@ -59,11 +65,15 @@ def run(compress: bool, widths: tuple[int, ...], epochs: int, seed: int) -> dict
     test = trainer.test(model, datamodule=data, verbose=False)[0]["test_acc"]
     swap = lmd.compressed_epoch if lmd is not None and lmd.compressed else None
     before = clock.times[:swap] if swap is not None else clock.times
-    after = clock.times[swap + 1:] if swap is not None else []  # the swap epoch itself holds the SVDs
+    after = clock.times[swap + 1 :] if swap is not None else []  # the swap epoch itself holds the SVDs
     return {
-        "seconds": seconds, "val": val * 100, "test": test * 100,
-        "params": sum(p.numel() for p in model.parameters()), "swap": swap if swap is not None else -1,
-        "epoch_before": statistics.median(before), "epoch_after": statistics.median(after) if after else float("nan"),
+        "seconds": seconds,
+        "val": val * 100,
+        "test": test * 100,
+        "params": sum(p.numel() for p in model.parameters()),
+        "swap": swap if swap is not None else -1,
+        "epoch_before": statistics.median(before),
+        "epoch_after": statistics.median(after) if after else float("nan"),
     }
 
 
@@ -77,14 +87,30 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
     rows = []
     for name, runs in results.items():
         col = {key: [r[key] for r in runs] for key in runs[0]}
-        rows.append([
-            name, f"{int(statistics.mean(col['params'])):,}", _ms(col["seconds"]),
-            f"{statistics.mean(col['seconds']) / dense_time:.2f}×", _ms(col["val"]), _ms(col["test"]),
-            _ms(col["epoch_before"], 2), _ms(col["epoch_after"], 2) if name != "dense" else "—",
-            ", ".join(str(int(s)) for s in col["swap"]) if name != "dense" else "—",
-        ])
-    header = ["run", "final params", "fit time (s)", "vs dense", "val acc", "test acc",
-              "s/epoch dense", "s/epoch factored", "swap epoch"]
+        rows.append(
+            [
+                name,
+                f"{int(statistics.mean(col['params'])):,}",
+                _ms(col["seconds"]),
+                f"{statistics.mean(col['seconds']) / dense_time:.2f}×",
+                _ms(col["val"]),
+                _ms(col["test"]),
+                _ms(col["epoch_before"], 2),
+                _ms(col["epoch_after"], 2) if name != "dense" else "—",
+                ", ".join(str(int(s)) for s in col["swap"]) if name != "dense" else "—",
+            ]
+        )
+    header = [
+        "run",
+        "final params",
+        "fit time (s)",
+        "vs dense",
+        "val acc",
+        "test acc",
+        "s/epoch dense",
+        "s/epoch factored",
+        "swap epoch",
+    ]
     return markdown_table(header, rows, "lrrrrrrrr")
 
 
@@ -107,8 +133,14 @@ def main(argv: list[str] | None = None) -> None:
         "its validation, before the swap and after it (the swap epoch itself excluded).\n\n" + table(results)
     )
     name = "training_cost_quick" if args.quick else "training_cost"
-    print(write_result(name, "Training cost: dense vs compress-at-convergence + fine-tune", body,
-                       "python -m benchmarks.bench_training_cost" + (" --quick" if args.quick else "")).read_text())
+    print(
+        write_result(
+            name,
+            "Training cost: dense vs compress-at-convergence + fine-tune",
+            body,
+            "python -m benchmarks.bench_training_cost" + (" --quick" if args.quick else ""),
+        ).read_text()
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,16 @@ def trainer(epochs: int, callbacks: list, validate_at_end_only: bool = False) ->
     """A quiet CPU Trainer; `validate_at_end_only`: no sanity check, one validation after the last epoch."""
     only_end = dict(check_val_every_n_epoch=max(epochs, 1), num_sanity_val_steps=0) if validate_at_end_only else {}
     return pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, deterministic=True, **only_end,
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        deterministic=True,
+        **only_end,
     )
 
 

@@ -50,8 +50,9 @@ def run(suites: list[str], quick: bool) -> list[str]:
 
 def main(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", nargs="+", default=["all"], choices=("all", *SUITES),
-                        help="which suites (default: all)")
+    parser.add_argument(
+        "--suite", nargs="+", default=["all"], choices=("all", *SUITES), help="which suites (default: all)"
+    )
     parser.add_argument("--quick", action="store_true", help="each benchmark's smoke run (what CI runs)")
     args = parser.parse_args(argv)
     suites = list(SUITES) if "all" in args.suite else args.suite

@@ -1,32 +1,58 @@
 """lmd_lightning: training-time low-rank compression by Layer Matrix Decomposition.
 
-Dense Linear and Conv2d layers are truncated by SVD (Eckart–Young) once training has
-converged, swapped for factored U·S·Vᵀ modules, and fine-tuned.
+Dense layers are truncated by SVD (Eckart–Young) once training has converged, swapped for
+factored U·S·Vᵀ modules, and fine-tuned. The torch-only parts import no Lightning: the names
+that need it (the callback and the checkpoint loaders) are loaded on first use.
 """
 
-from lmd_lightning.calibration import DataMetric
-from lmd_lightning.callback import LMDCompression
-from lmd_lightning.checkpoint import LMDCheckpointMixin, load_compressed
-from lmd_lightning.compress import compress_, restore_factored_
-from lmd_lightning.convergence import ConvergenceMonitor
-from lmd_lightning.factored import FactoredLinear
-from lmd_lightning.factored_conv import FactoredConv2d
-from lmd_lightning.maps import add_metric_maps_, fold_
-from lmd_lightning.policies import (
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from lmd_lightning.layers import FactoredConv2d, FactoredLinear
+from lmd_lightning.lmd import Regularizer
+from lmd_lightning.monitors import ConvergenceMonitor, StableRankMonitor
+from lmd_lightning.truncate import (
+    CompressionReport,
+    DataMetric,
     EffectiveRank,
     EnergyRank,
     ErrorBound,
     FixedRank,
     GlobalBudget,
+    LayerReport,
     RankPolicy,
     RankRatio,
     StableRank,
+    add_metric_maps_,
+    compress_,
+    fold_,
+    restore_factored_,
 )
-from lmd_lightning.regularize import Regularizer
-from lmd_lightning.report import CompressionReport, LayerReport
-from lmd_lightning.stable_rank import StableRankMonitor
 
 __version__ = "0.1.0"
+
+# Lightning-side names: imported when first asked for, so `from lmd_lightning import compress_` needs no Lightning.
+_LAZY = {
+    "Guard": "lmd_lightning.callback.guard",
+    "LMDCheckpointMixin": "lmd_lightning.callback.checkpoint",
+    "LMDCompression": "lmd_lightning.callback.lmd_compression",
+    "load_compressed": "lmd_lightning.callback.checkpoint",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lmd_lightning' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "CompressionReport",
@@ -39,6 +65,7 @@ __all__ = [
     "FactoredLinear",
     "FixedRank",
     "GlobalBudget",
+    "Guard",
     "LMDCheckpointMixin",
     "LMDCompression",
     "LayerReport",

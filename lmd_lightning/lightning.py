@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import Callback
 
-from lmd_lightning.callback import LMDCompressionBase
+from lmd_lightning.callback.lmd_compression import LMDCompressionBase
 
 __all__ = ["LMDCompression"]
 

@@ -13,12 +13,19 @@ from lmd_lightning.data import teacher_classification
 
 class LitMLP(pl.LightningModule):
     def __init__(
-        self, width: int = 64, lr: float = 0.05, optimizer: str = "sgd", scheduler: str = "cosine",
-        interval: str = "epoch", max_epochs: int = 6,
+        self,
+        width: int = 64,
+        lr: float = 0.05,
+        optimizer: str = "sgd",
+        scheduler: str = "cosine",
+        interval: str = "epoch",
+        max_epochs: int = 6,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = nn.Sequential(nn.Linear(32, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4))
+        self.net = nn.Sequential(
+            nn.Linear(32, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -59,7 +66,13 @@ def loaders(batch_size: int = 128, seed: int = 0) -> tuple[DataLoader, DataLoade
 
 def trainer(max_epochs: int, callbacks: list, **kwargs) -> pl.Trainer:
     defaults = dict(
-        max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, deterministic=True,
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        deterministic=True,
     )
     return pl.Trainer(callbacks=callbacks, **{**defaults, **kwargs})

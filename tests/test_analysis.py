@@ -1,4 +1,4 @@
-"""lmd_lightning.analysis and lmd-analyze: spectra, rank measures, policy ranks, input intrinsic dimension."""
+"""lmd_lightning.lmd.analysis and lmd-analyze: spectra, rank measures, policy ranks, input intrinsic dimension."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from test_configs import compose_config
 from torch import nn
 
 from lmd_lightning import EnergyRank, FixedRank, GlobalBudget, compress_
-from lmd_lightning.analysis import analyze, effective_rank, stable_rank, two_nn
-from lmd_lightning.experiment import ConfigError, analyze as analyze_command, train
-from lmd_lightning.svd import eckart_young_error
+from lmd_lightning.cli.experiment import ConfigError, train
+from lmd_lightning.cli.experiment import analyze as analyze_command
+from lmd_lightning.layers.svd import eckart_young_error
+from lmd_lightning.lmd.analysis import analyze, effective_rank, stable_rank, two_nn
 
 
 def test_rank_measures_on_known_spectra():
@@ -91,10 +92,23 @@ def test_analysis_arguments(kwargs, error, match):
 def lmd_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny lmd-train run with every LMD option on: data metric, metric maps, Laplacian regularizer."""
     root = tmp_path_factory.mktemp("lmd")
-    results = train(compose_config(overrides=(
-        *TINY, "data=synthetic", "compression=fixed", "compression.rank=6", "metric=data", "metric.batches=2",
-        "regularizer=laplacian", "regularizer.points=32", "regularizer.k=5", "callback.fold_maps=false",
-    ), output_dir=root))
+    results = train(
+        compose_config(
+            overrides=(
+                *TINY,
+                "data=synthetic",
+                "compression=fixed",
+                "compression.rank=6",
+                "metric=data",
+                "metric.batches=2",
+                "regularizer=laplacian",
+                "regularizer.points=32",
+                "regularizer.k=5",
+                "callback.fold_maps=false",
+            ),
+            output_dir=root,
+        )
+    )
     assert results["ranks"] == {"net.fc1": 6, "net.fc2": 6, "net.fc3": 6}
     return results["checkpoint"]
 
@@ -117,8 +131,9 @@ def test_analyze_command_on_a_compressed_checkpoint(lmd_checkpoint: str, tmp_pat
     assert result.layers[0].rank == 6 and result.layers[0].input_points == 150
     assert all(layer.intrinsic_dim is not None and layer.intrinsic_dim > 0 for layer in result.layers)
     saved = json.loads((tmp_path / "analysis.json").read_text())
-    assert saved["layers"][1]["name"] == "net.fc2" and math.isclose(saved["layers"][1]["stable_rank"],
-                                                                     result.layers[1].stable_rank)
+    assert saved["layers"][1]["name"] == "net.fc2" and math.isclose(
+        saved["layers"][1]["stable_rank"], result.layers[1].stable_rank
+    )
     events = next((tmp_path / "tensorboard").glob("events.out.tfevents*"))
     images = EventAccumulator(str(events), size_guidance={"images": 0}).Reload().Tags()["images"]
     assert set(images) == {"lmd_analysis/spectra", "lmd_analysis/error_curves", "lmd_analysis/ranks"}
@@ -135,9 +150,10 @@ def test_analyze_command_errors(lmd_checkpoint: str, tmp_path: Path):
 
 
 def test_finetune_refuses_lmd_options_without_the_callback(lmd_checkpoint: str, tmp_path: Path):
-    from lmd_lightning.experiment import finetune
+    from lmd_lightning.cli.experiment import finetune
 
-    cfg = compose_config("finetune", (f"ckpt_path={lmd_checkpoint}", "regularizer=laplacian", "metric=data"),
-                         output_dir=tmp_path)
+    cfg = compose_config(
+        "finetune", (f"ckpt_path={lmd_checkpoint}", "regularizer=laplacian", "metric=data"), output_dir=tmp_path
+    )
     with pytest.raises(ConfigError, match="`regularizer` and `metric` need the LMDCompression callback"):
         finetune(cfg)

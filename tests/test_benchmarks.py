@@ -10,9 +10,18 @@ from benchmarks import bench_quality, run
 from benchmarks.common import RESULTS
 
 QUICK_FILES = {
-    "quality_quick.md", "figures/quality_quick_mlp.png", "training_cost_quick.md", "callback_overhead_quick.md",
-    "overheads_quick.md", "svd_speed_quick.md", "memory_quick.md", "scaling_quick.md",
-    "factored_speed_quick.md", "lmd_quick.md", "convergence_quick.md", "parametrization_quick.md",
+    "quality_quick.md",
+    "figures/quality_quick_mlp.png",
+    "training_cost_quick.md",
+    "callback_overhead_quick.md",
+    "overheads_quick.md",
+    "svd_speed_quick.md",
+    "memory_quick.md",
+    "scaling_quick.md",
+    "factored_speed_quick.md",
+    "lmd_quick.md",
+    "convergence_quick.md",
+    "parametrization_quick.md",
 }
 
 
@@ -77,8 +86,7 @@ def test_quick_cost_memory_and_scaling_tables_show_the_factored_side_smaller(wri
 @pytest.mark.slow
 def test_quick_lmd_table_compares_the_truncations_at_one_budget(written: set[str]) -> None:
     table = rows("lmd_quick.md")
-    assert {"weight (Eckart–Young)", "data, independent", "data, sequential", "maps + laplacian λ=1 ✓"} <= set(
-        table)
+    assert {"weight (Eckart–Young)", "data, independent", "data, sequential", "maps + laplacian λ=1 ✓"} <= set(table)
     params = {name: count(cells[0]) for name, cells in table.items() if name != "variant"}
     # the same GlobalBudget(params=0.2) for every variant: each ends near 20% of the 546k targeted parameters
     assert all(100_000 < value < 125_000 for value in params.values()), params

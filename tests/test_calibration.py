@@ -6,11 +6,10 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmd_lightning import DataMetric, EnergyRank, FactoredConv2d, FactoredLinear, FixedRank, compress_
-from lmd_lightning.calibration import layer_rows
+from lmd_lightning.truncate.calibration import layer_rows
 
 
 def correlated_inputs(p: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -44,8 +43,12 @@ def test_independent_equals_closed_form_optimum():
     W = layer.weight.detach().clone()
     model = single(layer)
     damping = 0.01
-    compress_(model, FixedRank(5), metric=DataMetric(batches=None, damping=damping, sequential=False),
-              calibration=X.split(100))
+    compress_(
+        model,
+        FixedRank(5),
+        metric=DataMetric(batches=None, damping=damping, sequential=False),
+        calibration=X.split(100),
+    )
     delta = damping * float((X.mT @ X / 400).diagonal().mean())
     expected = best_in_metric(W, X, 5, delta)
     assert isinstance(model[0], FactoredLinear) and model[0].rank == 5
@@ -103,7 +106,9 @@ def test_rank_deficient_inputs_with_and_without_damping():
         compress_(model, FixedRank(4), metric=DataMetric(damping=damping, sequential=False), calibration=[X])
         W_hat = model[0].dense_weight().detach()
         assert torch.isfinite(W_hat).all()
-        assert output_error(W, W_hat, X) < output_error(W, (lambda u, s, vh: (u[:, :4] * s[:4]) @ vh[:4])(*torch.linalg.svd(W)), X)
+        assert output_error(W, W_hat, X) < output_error(
+            W, (lambda u, s, vh: (u[:, :4] * s[:4]) @ vh[:4])(*torch.linalg.svd(W)), X
+        )
 
 
 def test_conv_rows_reproduce_the_convolution():
@@ -122,7 +127,8 @@ def test_conv_data_metric_beats_plain_on_calibration_outputs():
     conv = nn.Conv2d(4, 12, 3, padding=1, dtype=torch.float64)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(16, 1, 10, 10, generator=gen, dtype=torch.float64).expand(16, 4, 10, 10) * torch.tensor(
-        [1.0, 0.5, 0.1, 0.05], dtype=torch.float64)[:, None, None] + 0.01 * torch.randn(16, 4, 10, 10, generator=gen, dtype=torch.float64)
+        [1.0, 0.5, 0.1, 0.05], dtype=torch.float64
+    )[:, None, None] + 0.01 * torch.randn(16, 4, 10, 10, generator=gen, dtype=torch.float64)
     data, plain = single(conv), single(nn.Conv2d(4, 12, 3, padding=1, dtype=torch.float64))
     plain[0].load_state_dict(conv.state_dict())
     y = conv(x).detach()
@@ -187,9 +193,12 @@ def test_already_factored_layers_shrink_in_the_data_metric():
 def test_batches_limits_the_calibration_passes():
     calls = []
     model = TwoLayer()
-    compress_(model, FixedRank(3), metric=DataMetric(batches=2, sequential=False,
-              forward=lambda m, batch: calls.append(1) or m(batch)),
-              calibration=correlated_inputs(400, 16).split(50))
+    compress_(
+        model,
+        FixedRank(3),
+        metric=DataMetric(batches=2, sequential=False, forward=lambda m, batch: calls.append(1) or m(batch)),
+        calibration=correlated_inputs(400, 16).split(50),
+    )
     assert len(calls) == 2
 
 
@@ -225,7 +234,9 @@ def test_layers_not_reached_by_calibration_stay_dense_with_a_reason():
     model = Branchy()
     report = compress_(model, FixedRank(3), metric="data", calibration=[correlated_inputs(64, 16)])
     assert isinstance(model.unused, nn.Linear)
-    assert {layer.name: layer.reason for layer in report.layers}["unused"] == "received no input in the calibration passes"
+    assert {layer.name: layer.reason for layer in report.layers}[
+        "unused"
+    ] == "received no input in the calibration passes"
     assert model.fc1.rank == 3
 
 
@@ -304,8 +315,9 @@ def test_sequential_conv_stack_with_damping_beats_plain_end_to_end():
     torch.manual_seed(10)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).double()
     gen = torch.Generator().manual_seed(10)
-    x = (torch.randn(24, 1, 8, 8, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 0.3, 0.05], dtype=torch.float64)[:, None, None]
-         + 0.02 * torch.randn(24, 3, 8, 8, generator=gen, dtype=torch.float64))
+    x = torch.randn(24, 1, 8, 8, generator=gen, dtype=torch.float64) * torch.tensor(
+        [1.0, 0.3, 0.05], dtype=torch.float64
+    )[:, None, None] + 0.02 * torch.randn(24, 3, 8, 8, generator=gen, dtype=torch.float64)
     plain = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).double()
     plain.load_state_dict(model.state_dict())
     y = model(x).detach()

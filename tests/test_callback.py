@@ -5,7 +5,17 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lmd_lightning import ConvergenceMonitor, DataMetric, EnergyRank, compress_, FactoredLinear, FixedRank, GlobalBudget, LMDCompression, RankRatio
+from lmd_lightning import (
+    ConvergenceMonitor,
+    DataMetric,
+    EnergyRank,
+    FactoredLinear,
+    FixedRank,
+    GlobalBudget,
+    LMDCompression,
+    RankRatio,
+    compress_,
+)
 from tests.lightning_models import LitMLP, loaders, trainer
 
 
@@ -93,7 +103,7 @@ def test_failed_compression_leaves_the_dense_model_training(monkeypatch) -> None
         raise RuntimeError("configure_optimizers exploded")
 
     lmd = LMDCompression(FixedRank(8), trigger="epoch", min_epochs=1, exclude="net.4")
-    monkeypatch.setattr("lmd_lightning.trainer_surgery._carry_optimizer", broken)
+    monkeypatch.setattr("lmd_lightning.callback.surgery._carry_optimizer", broken)
     with pytest.warns(UserWarning, match="compression failed, training continues dense"):
         model, t = fit([lmd], max_epochs=3)
     assert not lmd.compressed and "configure_optimizers exploded" in lmd.failure
@@ -129,7 +139,9 @@ class NothingToCompress(LitMLP):
 
 def test_model_without_candidates_raises_listing_modules() -> None:
     train, val = loaders()
-    with pytest.raises(ValueError, match=r"no Linear/Conv2d layer it can compress; the modules are: \['net', 'net.0'\]"):
+    with pytest.raises(
+        ValueError, match=r"no Linear/Conv2d layer it can compress; the modules are: \['net', 'net.0'\]"
+    ):
         trainer(1, [LMDCompression(FixedRank(2))]).fit(NothingToCompress(), train, val)
 
 
@@ -144,7 +156,11 @@ def test_model_without_candidates_raises_listing_modules() -> None:
         ({"every_n_steps": 0}, ValueError, r"`every_n_steps` must be an int >= 1, got 0"),
         ({"parametrization": "lora"}, ValueError, r"`parametrization` must be one of"),
         ({"method": "fast"}, ValueError, r"`method` must be one of"),
-        ({"metric": "inputs"}, ValueError, r"`metric` must be one of \('weight', 'data'\) or a DataMetric, got 'inputs'"),
+        (
+            {"metric": "inputs"},
+            ValueError,
+            r"`metric` must be one of \('weight', 'data'\) or a DataMetric, got 'inputs'",
+        ),
     ],
 )
 def test_invalid_arguments(kwargs: dict, error: type, match: str) -> None:

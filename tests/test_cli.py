@@ -16,20 +16,31 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_configs import compose_config
 
-from lmd_lightning.cli import recipe_dir
-from lmd_lightning.experiment import CONFIG_KEY, ConfigError, export, finetune, load_model, train
-from lmd_lightning.sweep import RESULTS_FILE
+from lmd_lightning.cli.commands import recipe_dir
+from lmd_lightning.cli.experiment import CONFIG_KEY, ConfigError, export, finetune, load_model, train
+from lmd_lightning.cli.tradeoff import RESULTS_FILE
 
 BIN = Path(sys.executable).parent
 TINY = (  # two epochs of a few batches, compression forced at epoch 1
-    "trainer.max_epochs=2", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=2",
-    "+trainer.limit_test_batches=2", "trainer.enable_progress_bar=false", "trigger=epoch",
-    "callback.sweep_points=3", "callback.guard_batches=2",
+    "trainer.max_epochs=2",
+    "+trainer.limit_train_batches=3",
+    "+trainer.limit_val_batches=2",
+    "+trainer.limit_test_batches=2",
+    "trainer.enable_progress_bar=false",
+    "trigger=epoch",
+    "callback.guard.sweep_points=3",
+    "callback.guard.batches=2",
 )
 OFFLINE = {  # recipes whose data needs a download: the same models on synthetic data of the same shape
     "mnist_lenet300": ("data=synthetic", "data.input_shape=[1,28,28]", "data.n=300"),
-    "cifar10_resnet": ("data=synthetic", "data.input_shape=[3,32,32]", "data.n=120", "data.batch_size=16",
-                       "model.width=8", "trainer=cpu"),
+    "cifar10_resnet": (
+        "data=synthetic",
+        "data.input_shape=[3,32,32]",
+        "data.n=120",
+        "data.batch_size=16",
+        "model.width=8",
+        "trainer=cpu",
+    ),
 }
 
 
@@ -72,10 +83,21 @@ def test_dense_baseline_and_csv_logger(tmp_path: Path) -> None:
 def test_grad_norm_trigger_through_lmd_train(tmp_path: Path) -> None:
     """The default trigger, with a monitor quick enough for a smoke run: it fires before the forced epoch."""
     tiny = [o for o in TINY if o != "trigger=epoch"]
-    cfg = compose_config(overrides=(
-        *tiny, "data=synthetic", "logger=none", "trigger.min_steps=4", "trigger.window=2", "trigger.patience=1",
-        "trigger.plateau_tol=0.9", "callback.every_n_steps=1", "trainer.max_epochs=4", "callback.max_epochs=3",
-    ), output_dir=tmp_path)
+    cfg = compose_config(
+        overrides=(
+            *tiny,
+            "data=synthetic",
+            "logger=none",
+            "trigger.min_steps=4",
+            "trigger.window=2",
+            "trigger.patience=1",
+            "trigger.plateau_tol=0.9",
+            "callback.every_n_steps=1",
+            "trainer.max_epochs=4",
+            "callback.max_epochs=3",
+        ),
+        output_dir=tmp_path,
+    )
     assert cfg.trigger._target_ == "lmd_lightning.ConvergenceMonitor"
     results = train(cfg)
     assert results["compressed_epochs"][0] < 3 and "‖∇L‖ EMA" in results["reports"][0]["trigger"]
@@ -84,10 +106,20 @@ def test_grad_norm_trigger_through_lmd_train(tmp_path: Path) -> None:
 def test_stable_rank_trigger_through_lmd_train(tmp_path: Path) -> None:
     """The Cuttlefish switch from the command line: trigger=stable_rank with its scaled-stable-rank policy."""
     tiny = [o for o in TINY if o != "trigger=epoch"]
-    cfg = compose_config(overrides=(
-        *tiny, "data=synthetic", "logger=none", "trigger=stable_rank", "compression=stable_rank",
-        "trigger.tol=0.9", "trigger.patience=1", "trainer.max_epochs=4", "callback.max_epochs=3",
-    ), output_dir=tmp_path)
+    cfg = compose_config(
+        overrides=(
+            *tiny,
+            "data=synthetic",
+            "logger=none",
+            "trigger=stable_rank",
+            "compression=stable_rank",
+            "trigger.tol=0.9",
+            "trigger.patience=1",
+            "trainer.max_epochs=4",
+            "callback.max_epochs=3",
+        ),
+        output_dir=tmp_path,
+    )
     results = train(cfg)
     # the first measurement starts epoch 1, the first change (< 90%) epoch 2
     assert results["compressed_epochs"] == [2] and "stable ranks changed" in results["reports"][0]["trigger"]
@@ -99,9 +131,19 @@ def test_finetune_a_checkpoint_and_compress_it_further(tmp_path: Path) -> None:
     checkpoint = torch.load(first["checkpoint"], weights_only=True)
     assert checkpoint[CONFIG_KEY]["model"]["_target_"].endswith("MLPClassifier")  # what lmd-finetune rebuilds
     cfg = compose_config(
-        "finetune", (f"ckpt_path={first['checkpoint']}", "compression=fixed", "compression.rank=8", "logger=none",
-                     "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
-                     "test=false", "trainer.enable_progress_bar=false", "+model.optimizer.lr=0.0001"),
+        "finetune",
+        (
+            f"ckpt_path={first['checkpoint']}",
+            "compression=fixed",
+            "compression.rank=8",
+            "logger=none",
+            "trainer.max_epochs=1",
+            "+trainer.limit_train_batches=2",
+            "+trainer.limit_val_batches=1",
+            "test=false",
+            "trainer.enable_progress_bar=false",
+            "+model.optimizer.lr=0.0001",
+        ),
         output_dir=tmp_path / "finetune",
     )
     second = finetune(cfg)
@@ -109,8 +151,17 @@ def test_finetune_a_checkpoint_and_compress_it_further(tmp_path: Path) -> None:
     assert set(second["ranks"].values()) == {8} and second["params"] < first["params"]
     recorded = torch.load(second["checkpoint"], weights_only=True)[CONFIG_KEY]["model"]
     assert recorded["optimizer"]["lr"] == 0.0001 and recorded["widths"] == [512, 512, 512]  # merged, not replaced
-    plain = compose_config("finetune", (f"ckpt_path={second['checkpoint']}", "logger=none", "trainer.max_epochs=1",
-                                        "+trainer.limit_train_batches=2", "test=false"), output_dir=tmp_path / "again")
+    plain = compose_config(
+        "finetune",
+        (
+            f"ckpt_path={second['checkpoint']}",
+            "logger=none",
+            "trainer.max_epochs=1",
+            "+trainer.limit_train_batches=2",
+            "test=false",
+        ),
+        output_dir=tmp_path / "again",
+    )
     third = finetune(plain)
     assert third["params"] == third["params_before"] == second["params"] and "ranks" not in third
 
@@ -119,14 +170,22 @@ def test_finetune_a_checkpoint_and_compress_it_further(tmp_path: Path) -> None:
 def test_resume_a_compressed_run(compression: str, tmp_path: Path) -> None:
     """lmd-train ckpt_path=… picks a compressed run up where it stopped, with or without the callback."""
     first = run_train(tmp_path / "a", "data=synthetic", "logger=none", "compression=fixed", "compression.rank=8")
-    resumed = run_train(tmp_path / "b", "data=synthetic", "logger=none", f"compression={compression}",
-                        "compression.rank=8" if compression == "fixed" else "test=true",
-                        f"ckpt_path={first['checkpoint']}", "trainer.max_epochs=3")
+    resumed = run_train(
+        tmp_path / "b",
+        "data=synthetic",
+        "logger=none",
+        f"compression={compression}",
+        "compression.rank=8" if compression == "fixed" else "test=true",
+        f"ckpt_path={first['checkpoint']}",
+        "trainer.max_epochs=3",
+    )
     assert resumed["params"] == first["params"]  # the factored structure came back before the weights
     state = torch.load(resumed["checkpoint"], weights_only=True)
     assert state["epoch"] == 2 and state["state_dict"]["net.fc1.U"].shape[1] == 8
-    cnn = compose_config(overrides=(*TINY, "data=synthetic", "model=cnn1d", f"ckpt_path={first['checkpoint']}"),
-                         output_dir=tmp_path / "c")
+    cnn = compose_config(
+        overrides=(*TINY, "data=synthetic", "model=cnn1d", f"ckpt_path={first['checkpoint']}"),
+        output_dir=tmp_path / "c",
+    )
     with pytest.raises(ConfigError, match="`ckpt_path` holds a lmd_lightning.models.MLPClassifier, but the config"):
         train(cnn)
 
@@ -174,8 +233,14 @@ def test_console_script_errors_are_clear(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_multirun_then_report(tmp_path: Path) -> None:
     sweep = command(
-        "lmd-train", "-m", "compression.energy=0.5,0.95", "data=synthetic", "logger=none", *TINY,
-        "hydra.sweep.dir=sweep", cwd=tmp_path,
+        "lmd-train",
+        "-m",
+        "compression.energy=0.5,0.95",
+        "data=synthetic",
+        "logger=none",
+        *TINY,
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
     )
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     results = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob(f"*/{RESULTS_FILE}"))]
@@ -197,8 +262,12 @@ def test_trained_model_layers_are_factored(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("trained")
-    results = train(compose_config(overrides=(*TINY, "data=synthetic", "logger=none", "compression=fixed",
-                                              "compression.rank=8"), output_dir=root))
+    results = train(
+        compose_config(
+            overrides=(*TINY, "data=synthetic", "logger=none", "compression=fixed", "compression.rank=8"),
+            output_dir=root,
+        )
+    )
     return results["checkpoint"]
 
 
@@ -206,10 +275,13 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_export_formats_stay_factored_and_match(format: str, trained_checkpoint: str, tmp_path: Path) -> None:
     if format == "onnx":
         pytest.importorskip("onnxruntime")
-    output = tmp_path / {"torchscript": "m.ts.pt", "exported_program": "m.pt2", "state_dict": "m.pt",
-                         "onnx": "m.onnx"}[format]
-    cfg = compose_config("export", (f"ckpt_path={trained_checkpoint}", f"format={format}", f"output={output}"),
-                         output_dir=tmp_path)
+    output = (
+        tmp_path
+        / {"torchscript": "m.ts.pt", "exported_program": "m.pt2", "state_dict": "m.pt", "onnx": "m.onnx"}[format]
+    )
+    cfg = compose_config(
+        "export", (f"ckpt_path={trained_checkpoint}", f"format={format}", f"output={output}"), output_dir=tmp_path
+    )
     result = export(cfg)
     assert result.verified and result.path == output and output.is_file() and result.factored_layers == 3
     model, _, data_cfg = load_model(cfg)
@@ -220,22 +292,33 @@ def test_export_formats_stay_factored_and_match(format: str, trained_checkpoint:
 
 
 def test_export_command_and_bad_format(trained_checkpoint: str, tmp_path: Path) -> None:
-    done = command("lmd-export", f"ckpt_path={trained_checkpoint}", "format=exported_program",
-                   f"output={tmp_path / 'm.pt2'}", cwd=tmp_path)
+    done = command(
+        "lmd-export",
+        f"ckpt_path={trained_checkpoint}",
+        "format=exported_program",
+        f"output={tmp_path / 'm.pt2'}",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "m.pt2").is_file() and "verified" in done.stdout
     cfg = compose_config("export", (f"ckpt_path={trained_checkpoint}", "format=tflite"), output_dir=tmp_path)
     with pytest.raises(ConfigError, match="`format` must be one of .*'torchscript'.*got 'tflite'"):
         export(cfg)
-    wrong = compose_config("export", (f"ckpt_path={trained_checkpoint}", "format=exported_program",
-                                      f"output={tmp_path / 'm.pt'}"), output_dir=tmp_path)
+    wrong = compose_config(
+        "export",
+        (f"ckpt_path={trained_checkpoint}", "format=exported_program", f"output={tmp_path / 'm.pt'}"),
+        output_dir=tmp_path,
+    )
     with pytest.raises(ValueError, match="`output` must end in .pt2"):
         export(wrong)
 
 
 def test_export_verifies_on_the_example_input(trained_checkpoint: str, tmp_path: Path) -> None:
-    cfg = compose_config("export", (f"ckpt_path={trained_checkpoint}", "format=state_dict", "verify_on=example",
-                                    f"output={tmp_path / 'm.pt'}"), output_dir=tmp_path)
+    cfg = compose_config(
+        "export",
+        (f"ckpt_path={trained_checkpoint}", "format=state_dict", "verify_on=example", f"output={tmp_path / 'm.pt'}"),
+        output_dir=tmp_path,
+    )
     result = export(cfg)
     assert result.verified and result.max_abs_diff == 0.0
 
@@ -243,11 +326,20 @@ def test_export_verifies_on_the_example_input(trained_checkpoint: str, tmp_path:
 @pytest.mark.ddp
 def test_ddp_run_through_the_command(tmp_path: Path) -> None:
     """trainer=ddp: Lightning re-launches lmd-train for rank 1 into the same run dir; rank 0 writes the results."""
-    done = command("lmd-train", "trainer=ddp", "trainer.accelerator=cpu", "data=synthetic", "logger=none", *TINY,
-                   "hydra.run.dir=run", cwd=tmp_path)
+    done = command(
+        "lmd-train",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "data=synthetic",
+        "logger=none",
+        *TINY,
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.suffix == ".log") == [
-        "train.log", "train_ddp_process_1.log"
+        "train.log",
+        "train_ddp_process_1.log",
     ]
     results = [json.loads(p.read_text()) for p in tmp_path.rglob(RESULTS_FILE)]
     assert len(results) == 1 and results[0]["compressed_epochs"] == [1] and results[0]["params"] < 551_434

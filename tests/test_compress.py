@@ -154,7 +154,9 @@ def test_include_exclude_filter() -> None:
 
 @pytest.mark.parametrize("arg", ["include", "exclude"])
 def test_pattern_matching_nothing_lists_candidates(arg: str) -> None:
-    with pytest.raises(ValueError, match=rf"`{arg}` pattern 'decoder\.\*' matches no .* candidates are: \['fc1', 'fc2', 'head'\]"):
+    with pytest.raises(
+        ValueError, match=rf"`{arg}` pattern 'decoder\.\*' matches no .* candidates are: \['fc1', 'fc2', 'head'\]"
+    ):
         compress_(TinyMLP(), FixedRank(4), **{arg: "decoder.*"})
 
 
@@ -236,7 +238,13 @@ def test_restore_factored_then_strict_load(parametrization: str, make) -> None:
     rebuilt = restore_factored_(fresh, state)
     assert rebuilt and all(isinstance(fresh.get_submodule(name), (FactoredLinear, FactoredConv2d)) for name in rebuilt)
     fresh.load_state_dict(state, strict=True)
-    x = torch.randn(2, 3, 12, 12) if make is TinyCNN else torch.randn(2, 5, 8) if make is TinyTransformer else torch.randn(2, 32)
+    x = (
+        torch.randn(2, 3, 12, 12)
+        if make is TinyCNN
+        else torch.randn(2, 5, 8)
+        if make is TinyTransformer
+        else torch.randn(2, 32)
+    )
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x))
     assert restore_factored_(fresh, state) == []  # already in shape: nothing to do
@@ -287,7 +295,7 @@ def test_lazy_module_stays_dense_with_a_reason() -> None:
 
 
 def test_undo_puts_back_modules_factors_and_fast_paths() -> None:
-    from lmd_lightning.targets import undo, undo_record
+    from lmd_lightning.truncate.targets import undo, undo_record
 
     model = TinyTransformer().eval()
     compress_(model, FixedRank(8), include=["encoder.layers.0.linear1"])

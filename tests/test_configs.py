@@ -13,16 +13,18 @@ from hydra.errors import InstantiationException, MissingConfigException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
+import lmd_lightning
 from lmd_lightning import (
     ConvergenceMonitor,
     DataMetric,
+    Guard,
     LMDCompression,
     RankPolicy,
     Regularizer,
     StableRank,
     StableRankMonitor,
 )
-from lmd_lightning.cli import config_dir, recipe_dir, register_recipes
+from lmd_lightning.cli.commands import config_dir, recipe_dir, register_recipes
 
 GROUPS = ("model", "data", "compression", "trigger", "trainer", "logger", "callback", "checkpoint", "paths")
 
@@ -114,13 +116,17 @@ def test_regularizer_configs_mirror_the_dataclass_and_switch_maps_on(option: str
 
 def test_callback_and_trigger_configs_mirror_their_signatures() -> None:
     cfg = compose_config()
-    callback_args = set(inspect.signature(LMDCompression.__init__).parameters) - {"self", "filter_fn"}
+    callback_args = set(inspect.signature(LMDCompression.__init__).parameters) - {"self", "filter_fn", "deprecated"}
     assert set(cfg.callback) - {"_target_"} == callback_args  # filter_fn is a Python callable, not config
+    assert set(cfg.callback.guard) - {"_target_"} == {f.name for f in dataclasses.fields(Guard)}
     monitor_args = set(inspect.signature(ConvergenceMonitor.__init__).parameters) - {"self"}
     assert set(cfg.trigger) - {"_target_"} == monitor_args
     callback = instantiate(cfg.callback)
     assert isinstance(callback.convergence, ConvergenceMonitor) and callback.trigger == "grad_norm"
     assert callback.convergence.window == cfg.trigger.window and callback.exclude == "*head"
+    assert callback.guard == Guard() and callback.monitor == "val_acc"
+    guarded = instantiate(compose_config(overrides=("callback.guard.max_drop=0.02",)).callback)
+    assert guarded.guard == Guard(max_drop=0.02)
     by_epoch = instantiate(compose_config(overrides=("trigger=epoch",)).callback)
     assert by_epoch.trigger == "epoch"
     cuttlefish = compose_config(overrides=("trigger=stable_rank", "compression=stable_rank", "trigger.tol=0.05"))
@@ -205,14 +211,21 @@ def test_wheel_ships_configs_and_recipes(tmp_path: Path) -> None:
     import zipfile
 
     root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(root)],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(root)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     names = set(zipfile.ZipFile(next(tmp_path.glob("lmd_lightning-*.whl"))).namelist())
     for path in config_dir().rglob("*.yaml"):
         assert f"lmd_lightning/configs/{path.relative_to(config_dir()).as_posix()}" in names
     for path in recipe_dir().glob("*.yaml"):
         assert f"lmd_lightning/recipes/{path.name}" in names
     assert "lmd_lightning/models/transformer.py" in names and "lmd_lightning/data/modules.py" in names
+    package = Path(lmd_lightning.__file__).parent
+    for module in package.rglob("*.py"):  # every subpackage's modules, not only the listed top level
+        assert f"lmd_lightning/{module.relative_to(package).as_posix()}" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     scripts = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).read(entry_points).decode()
     assert all(f"lmd-{cmd} = lmd_lightning.cli:{cmd}" in scripts for cmd in ("train", "finetune", "export", "report"))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lmd_lightning.convergence import ConvergenceMonitor, grad_norm
+from lmd_lightning.monitors.convergence import ConvergenceMonitor, grad_norm
 
 
 def test_grad_norm_is_the_global_norm() -> None:

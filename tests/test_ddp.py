@@ -25,7 +25,10 @@ class SaveOnEveryRank(pl.Callback):
         torch.save(state, self.directory / f"{tag}_rank{trainer.global_rank}.pt")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if isinstance(pl_module.net[0], FactoredLinear) and not (self.directory / f"swap_rank{trainer.global_rank}.pt").exists():
+        if (
+            isinstance(pl_module.net[0], FactoredLinear)
+            and not (self.directory / f"swap_rank{trainer.global_rank}.pt").exists()
+        ):
             self._save(trainer, pl_module, "swap")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -33,8 +36,12 @@ class SaveOnEveryRank(pl.Callback):
 
 
 LMD_OPTIONS = {  # each process sees different batches: moments and penalty gradients must be reduced
-    "metric=data + laplacian": dict(metric=DataMetric(batches=3), metric_maps=True, fold_maps=False,
-                                    regularizer=Regularizer("laplacian", lmd_lambda=1.0, points=32, k=4)),
+    "metric=data + laplacian": dict(
+        metric=DataMetric(batches=3),
+        metric_maps=True,
+        fold_maps=False,
+        regularizer=Regularizer("laplacian", lmd_lambda=1.0, points=32, k=4),
+    ),
     "identity": dict(metric_maps=True, fold_maps=False, regularizer=Regularizer("identity", lmd_lambda=1.0)),
     # the stable ranks are measured on each process; the decision to compress is reduced across them
     "trigger=stable_rank": dict(trigger=StableRankMonitor(tol=0.9, patience=1), min_epochs=1),
@@ -45,8 +52,9 @@ LMD_OPTIONS = {  # each process sees different batches: moments and penalty grad
 def test_ddp_two_processes_stay_identical(tmp_path: Path, options: str) -> None:
     pl.seed_everything(0, verbose=False)
     model = LitMLP(max_epochs=4)
-    callback = LMDCompression(EnergyRank(0.8), exclude="net.4", **{"trigger": "epoch", "min_epochs": 2,
-                                                                    **LMD_OPTIONS.get(options, {})})
+    callback = LMDCompression(
+        EnergyRank(0.8), exclude="net.4", **{"trigger": "epoch", "min_epochs": 2, **LMD_OPTIONS.get(options, {})}
+    )
     train, val = loaders()
     t = trainer(4, [callback, SaveOnEveryRank(tmp_path)], strategy="ddp_spawn", devices=2)
     t.fit(model, train, val)

@@ -12,16 +12,14 @@ import torch
 from torch import nn
 
 from lmd_lightning import FactoredLinear, FixedRank, compress_, restore_factored_
-from lmd_lightning.export import FORMATS, STATE_DICT_FORMAT, check_destination, export_model
+from lmd_lightning.cli.exporter import FORMATS, STATE_DICT_FORMAT, check_destination, export_model
 
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "state_dict": ".ckpt", "exported_program": ".pt2"}
 
 
 def tiny_mlp() -> nn.Sequential:
     # Dropout makes the export's eval mode visible in the outputs.
-    return nn.Sequential(
-        nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
-    )
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
 
 
 def tiny_cnn() -> nn.Sequential:

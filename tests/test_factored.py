@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lmd_lightning import FactoredLinear
-from lmd_lightning.svd import eckart_young_error
+from lmd_lightning.layers.svd import eckart_young_error
 from tests.conftest import matrix_with_spectrum
 
 

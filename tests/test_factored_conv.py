@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from lmd_lightning import FactoredConv2d
-from lmd_lightning.factored_conv import conv_matrix
-from lmd_lightning.svd import eckart_young_error
+from lmd_lightning.layers.conv import conv_matrix
+from lmd_lightning.layers.svd import eckart_young_error
 
 GEOMETRIES = [
     {"kernel_size": 3},
@@ -38,7 +38,11 @@ def test_full_rank_round_trip(geometry: dict, parametrization: str) -> None:
     torch.testing.assert_close(back.weight, conv.weight, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(back(x), expected, atol=1e-5, rtol=1e-4)
     assert (back.stride, back.padding, back.dilation, back.padding_mode) == (
-        conv.stride, conv.padding, conv.dilation, conv.padding_mode)
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.padding_mode,
+    )
 
 
 def test_structure_is_kxk_into_rank_then_1x1() -> None:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lmd_lightning import EnergyRank, FactoredConv2d, FactoredLinear, compress_
-from lmd_lightning.svd import eckart_young_error, truncated_svd
+from lmd_lightning.layers.svd import eckart_young_error, truncated_svd
 from tests.conftest import matrix_with_spectrum
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -101,13 +101,17 @@ def test_monitor_resumed_on_the_host_continues_on_cuda() -> None:
 
 
 def test_parameters_without_gradients_on_cuda() -> None:
-    from lmd_lightning.convergence import GradNormMeter
+    from lmd_lightning.monitors.convergence import GradNormMeter
 
     used, unused = nn.Linear(4, 4).cuda(), nn.Linear(4, 4).cuda()
     used(torch.randn(2, 4, device="cuda")).sum().backward()
     meter = GradNormMeter(per_layer=True)
-    meter.refresh([*(("used." + n, p) for n, p in used.named_parameters()),
-                   *(("unused." + n, p) for n, p in unused.named_parameters())])
+    meter.refresh(
+        [
+            *(("used." + n, p) for n, p in used.named_parameters()),
+            *(("unused." + n, p) for n, p in unused.named_parameters()),
+        ]
+    )
     norm, layers = meter.measure()
     expected = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in used.parameters()]))
     assert float(norm) == pytest.approx(float(expected), rel=1e-5) and float(layers["unused"]) == 0.0

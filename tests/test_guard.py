@@ -6,9 +6,18 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lmd_lightning import EnergyRank, ErrorBound, FixedRank, GlobalBudget, LMDCompression, RankRatio
-from lmd_lightning.guard import search_knob
-from lmd_lightning.report import CompressionReport
+from lmd_lightning import (
+    ConvergenceMonitor,
+    EnergyRank,
+    ErrorBound,
+    FixedRank,
+    GlobalBudget,
+    Guard,
+    LMDCompression,
+    RankRatio,
+)
+from lmd_lightning.callback.guard import GuardRecord, SweepPoint, Trial, search_knob
+from lmd_lightning.truncate.report import CompressionReport
 from tests.lightning_models import LitMLP, loaders, trainer
 
 
@@ -39,8 +48,8 @@ def test_moves_towards_aggressive_when_the_drop_is_much_smaller() -> None:
     result, _ = run(EnergyRank(0.95), lambda p: p.energy + 0.05, max_drop=0.2 + 1e-12)
     # metric = energy + 0.05 ≥ 0.8 ⇔ energy ≥ 0.75; five halvings of [0.95, 0.3] land within 0.0203 above.
     assert 0.75 <= result.policy.energy <= 0.75 + 0.65 / 2**5
-    assert result.before == 1.0 and result.trials[0]["knob"] == 0.95 and result.trials[1]["knob"] == 0.3
-    assert all(t["accepted"] == (t["drop"] <= 0.2 + 1e-12) for t in result.trials)
+    assert result.before == 1.0 and result.trials[0].setting == 0.95 and result.trials[1].setting == 0.3
+    assert all(t.accepted == (t.drop <= 0.2 + 1e-12) for t in result.trials)
 
 
 def test_moves_towards_mild_when_the_user_setting_fails() -> None:
@@ -79,37 +88,45 @@ def fit_with(callback: LMDCompression, max_epochs: int = 4):
 
 
 def test_guard_in_training_records_before_after_and_respects_the_drop(caplog: pytest.LogCaptureFixture) -> None:
-    lmd = LMDCompression(EnergyRank(0.9), trigger="epoch", min_epochs=2, exclude="net.4",
-                         monitor="val_acc", max_accuracy_drop=0.03, guard_batches=1)
+    lmd = LMDCompression(
+        EnergyRank(0.9),
+        trigger="epoch",
+        min_epochs=2,
+        exclude="net.4",
+        monitor="val_acc",
+        guard=Guard(max_drop=0.03, batches=1),
+    )
     with caplog.at_level(logging.INFO, logger="lmd_lightning"):
         fit_with(lmd)
     unchanged = [r.getMessage() for r in caplog.records if r.name == "lmd_lightning" and "unchanged" in r.getMessage()]
     dense = [layer["name"] for layer in lmd.reports[0]["layers"] if layer["rank"] is None]
     assert len(unchanged) == len(dense)  # once, from the applied compression; the trials stay quiet
-    assert lmd.compressed and lmd.guard["trials"]
-    assert lmd.guard["before"] - lmd.guard["after"] <= 0.03
-    assert 0.5 < lmd.guard["final"] <= 1.0  # the validation metric after fine-tuning
-    chosen = lmd.guard["knob"]
-    accepted = [t["knob"] for t in lmd.guard["trials"] if t["accepted"]]
+    record = lmd.guard_record
+    assert lmd.compressed and record.trials and record.knob == "energy"
+    assert record.before - record.after <= 0.03
+    assert 0.5 < record.final <= 1.0  # the validation metric after fine-tuning
+    chosen = record.chosen
+    accepted = [t.setting for t in record.trials if t.accepted]
     assert chosen in accepted
     assert lmd.reports[0]["policy"].startswith("EnergyRank") and f"energy={chosen}" in lmd.reports[0]["policy"]
 
 
 def test_unlogged_monitor_raises_at_the_first_validation() -> None:
-    lmd = LMDCompression(EnergyRank(0.9), monitor="val_accuracy", max_accuracy_drop=0.01)
-    with pytest.raises(KeyError, match=r"'val_accuracy' was not logged in validation; available: \['train_loss', 'val_acc'\]"):
+    lmd = LMDCompression(EnergyRank(0.9), monitor="val_accuracy", guard=Guard(max_drop=0.01))
+    with pytest.raises(
+        KeyError, match=r"'val_accuracy' was not logged in validation; available: \['train_loss', 'val_acc'\]"
+    ):
         fit_with(lmd, max_epochs=1)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"max_accuracy_drop": 0.01}, ValueError, r"`max_accuracy_drop`=0.01 needs `monitor`"),
-        ({"sweep_points": -1}, ValueError, r"`sweep_points` must be an int >= 0, got -1"),
-        ({"monitor": 3, "max_accuracy_drop": 0.01}, TypeError, "`monitor` must be the name"),
-        ({"monitor": "val_acc", "max_accuracy_drop": -0.1}, ValueError, r"`max_accuracy_drop` must be a number >= 0, got -0.1"),
+        ({"guard": Guard(max_drop=0.01)}, ValueError, r"Guard `max_drop`=0.01 needs `monitor`"),
+        ({"monitor": 3, "guard": Guard(max_drop=0.01)}, TypeError, "`monitor` must be the name"),
         ({"mode": "up"}, ValueError, r"`mode` must be 'max' or 'min', got 'up'"),
-        ({"guard_batches": 0}, ValueError, r"`guard_batches` must be an int >= 1, got 0"),
+        ({"guard": {"max_drop": 0.01}}, TypeError, r"`guard` must be a Guard or None, got \{'max_drop': 0.01\}"),
+        ({"max_drop": 0.01}, TypeError, r"LMDCompression got unexpected keyword arguments \['max_drop'\]"),
     ],
 )
 def test_invalid_guard_arguments(kwargs: dict, error: type, match: str) -> None:
@@ -118,11 +135,17 @@ def test_invalid_guard_arguments(kwargs: dict, error: type, match: str) -> None:
 
 
 def test_guard_keeping_the_model_dense_finishes_training() -> None:
-    lmd = LMDCompression(FixedRank(1), trigger="epoch", min_epochs=1, exclude="net.4", monitor="val_acc",
-                         max_accuracy_drop=0.0, guard_batches=1)
+    lmd = LMDCompression(
+        FixedRank(1),
+        trigger="epoch",
+        min_epochs=1,
+        exclude="net.4",
+        monitor="val_acc",
+        guard=Guard(max_drop=0.0, batches=1),
+    )
     model = fit_with(lmd, max_epochs=3)
     assert not lmd.compressed and lmd.failure.startswith("accuracy guard")
-    assert lmd.guard["after"] is None and len(lmd.guard["trials"]) == 1
+    assert lmd.guard_record.after is None and len(lmd.guard_record.trials) == 1
     assert type(model.net[0]) is torch.nn.Linear
 
 
@@ -146,11 +169,17 @@ class FrozenNorm(LitMLP):
 
 def test_monitor_with_two_validation_loaders_uses_lightnings_names() -> None:
     pl.seed_everything(0, verbose=False)
-    lmd = LMDCompression(EnergyRank(0.9), trigger="epoch", min_epochs=1, exclude="net.4",
-                         monitor="val_acc/dataloader_idx_1", max_accuracy_drop=1.0, guard_batches=1)
+    lmd = LMDCompression(
+        EnergyRank(0.9),
+        trigger="epoch",
+        min_epochs=1,
+        exclude="net.4",
+        monitor="val_acc/dataloader_idx_1",
+        guard=Guard(max_drop=1.0, batches=1),
+    )
     train, val = loaders()
     trainer(2, [lmd]).fit(TwoLoaders(max_epochs=2), train, [val, val])
-    assert lmd.compressed and 0.0 <= lmd.guard["before"] <= 1.0
+    assert lmd.compressed and 0.0 <= lmd.guard_record.before <= 1.0
 
 
 def test_guard_evaluation_gives_back_each_submodules_mode() -> None:
@@ -164,3 +193,43 @@ def test_guard_evaluation_gives_back_each_submodules_mode() -> None:
     train, val = loaders()
     trainer(2, [lmd, probe]).fit(FrozenNorm(max_epochs=2), train, val)
     assert lmd.compressed and probe.norm_training is False
+
+
+def test_guard_record_and_sweep_go_through_the_callbacks_state() -> None:
+    lmd = LMDCompression(EnergyRank(0.9), monitor="val_acc", guard=Guard(max_drop=0.03))
+    lmd._guarding.record = GuardRecord(0.9, "energy", 0.8, after=0.88, trials=[Trial(0.8, 0.88, 0.02, 1234, True)])
+    lmd._guarding.sweep = [SweepPoint(0.5, 0.7, 900), SweepPoint(0.9, 0.89, 2000)]
+    state = lmd.state_dict()
+    assert state["guard"] == {
+        "before": 0.9,
+        "knob": "energy",
+        "chosen": 0.8,
+        "after": 0.88,
+        "final": None,
+        "trials": [{"setting": 0.8, "value": 0.88, "drop": 0.02, "params": 1234, "accepted": True}],
+    }
+    fresh = LMDCompression(EnergyRank(0.9), monitor="val_acc", guard=Guard(max_drop=0.03))
+    fresh.load_state_dict(state)
+    assert fresh.guard_record == lmd.guard_record and fresh.sweep == lmd.sweep
+
+
+def test_checkpoint_state_of_version_0_1_still_loads() -> None:
+    """0.1 kept the guard as a plain dict: "knob" held the chosen setting, trials named the value "metric"."""
+    old = {
+        "compressed_epochs": [2],
+        "reports": [],
+        "failure": None,
+        "convergence": ConvergenceMonitor().state_dict(),
+        "guard": {
+            "before": 0.9,
+            "after": 0.85,
+            "knob": 0.7,
+            "final": 0.91,
+            "trials": [{"knob": 0.7, "metric": 0.85, "drop": 0.05, "params": 99, "accepted": True}],
+        },
+        "sweep": [{"knob": 0.5, "metric": 0.6, "params": 50}],
+    }
+    lmd = LMDCompression(EnergyRank(0.9), monitor="val_acc")
+    lmd.load_state_dict(old)
+    assert lmd.guard_record == GuardRecord(0.9, None, 0.7, 0.85, 0.91, [Trial(0.7, 0.85, 0.05, 99, True)])
+    assert lmd.sweep == [SweepPoint(0.5, 0.6, 50)] and lmd.compressed_epochs == [2]

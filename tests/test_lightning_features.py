@@ -12,7 +12,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
 from lmd_lightning import FactoredLinear, FixedRank, LMDCompression
-from lmd_lightning.convergence import grad_norm
+from lmd_lightning.monitors.convergence import grad_norm
 from tests.lightning_models import LitMLP, loaders, trainer
 
 
@@ -36,8 +36,13 @@ def test_bf16_accumulation_clipping_early_stopping_lr_monitor(tmp_path: Path) ->
     lmd = LMDCompression(FixedRank(8), trigger="epoch", min_epochs=1, exclude="net.4")
     callbacks = [lmd, probe, EarlyStopping("val_acc", mode="max", patience=10), LearningRateMonitor("step")]
     t = trainer(
-        3, callbacks, precision="bf16-mixed", accumulate_grad_batches=2, gradient_clip_val=0.25,
-        logger=CSVLogger(tmp_path), deterministic=False,
+        3,
+        callbacks,
+        precision="bf16-mixed",
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.25,
+        logger=CSVLogger(tmp_path),
+        deterministic=False,
     )
     model = LitMLP(max_epochs=3)
     train, val = loaders()
@@ -54,7 +59,7 @@ def test_bf16_accumulation_clipping_early_stopping_lr_monitor(tmp_path: Path) ->
 def test_gradients_seen_are_unscaled_under_fp16_style_scaling() -> None:
     # Under "16-mixed" Lightning unscales before on_before_optimizer_step; CPU has no fp16 GradScaler,
     # so this checks the fused-optimizer path of gradient_unscale_factor directly.
-    from lmd_lightning.trainer_surgery import gradient_unscale_factor
+    from lmd_lightning.callback.surgery import gradient_unscale_factor
 
     class FakeScaler:
         _scale = torch.tensor(1024.0)
@@ -103,7 +108,7 @@ def test_compiled_submodule_recompiles_and_stays_correct() -> None:
 def test_sharded_strategies_are_refused_at_setup(strategy: str) -> None:
     import pytorch_lightning.strategies as strategies
 
-    from lmd_lightning import trainer_surgery
+    from lmd_lightning.callback import surgery
 
     sharded = getattr(strategies, strategy)
     fake = sharded.__new__(sharded)  # no distributed environment needed for an isinstance check
@@ -115,4 +120,4 @@ def test_sharded_strategies_are_refused_at_setup(strategy: str) -> None:
     trainer_ = FakeTrainer()
     trainer_.strategy, trainer_.callbacks = fake, []
     with pytest.raises(ValueError, match=rf"does not support {strategy} yet"):
-        trainer_surgery.check_supported(trainer_, LitMLP())
+        surgery.check_supported(trainer_, LitMLP())

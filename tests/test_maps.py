@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lmd_lightning import FactoredConv2d, FactoredLinear, FixedRank, compress_, restore_factored_
-from lmd_lightning.maps import add_metric_maps_, fold_, metric_map_layers
+from lmd_lightning.truncate.maps import add_metric_maps_, fold_, metric_map_layers
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -14,16 +14,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lmd_lightning import FixedRank, LMDCompression, compress_, load_compressed
-from lmd_lightning.factored import FactoredLinear
-from lmd_lightning.factored_conv import FactoredConv2d
-from lmd_lightning.models import (
-    CNN1DClassifier,
-    Classifier,
-    MLPClassifier,
-    ResNetClassifier,
-    TransformerClassifier,
-)
+from lmd_lightning import FixedRank, Guard, LMDCompression, compress_, load_compressed
+from lmd_lightning.layers.conv import FactoredConv2d
+from lmd_lightning.layers.linear import FactoredLinear
+from lmd_lightning.models import Classifier, CNN1DClassifier, MLPClassifier, ResNetClassifier, TransformerClassifier
 
 NUM_CLASSES = 3
 
@@ -38,21 +32,33 @@ def _resnet_layers(stages: int) -> list[str]:
 # Tiny models, sized so that rank 2 is below every layer's break-even r < m·n/(m+n): all are factored.
 TINY = {
     "mlp": (
-        MLPClassifier, dict(in_features=12, widths=(8, 8), num_classes=NUM_CLASSES), (12,),
+        MLPClassifier,
+        dict(in_features=12, widths=(8, 8), num_classes=NUM_CLASSES),
+        (12,),
         ["net.fc1", "net.fc2", "net.head"],
     ),
     "cnn": (
-        CNN1DClassifier, dict(in_features=16, channels=(4, 6), kernel_size=5, num_classes=NUM_CLASSES), (16,),
+        CNN1DClassifier,
+        dict(in_features=16, channels=(4, 6), kernel_size=5, num_classes=NUM_CLASSES),
+        (16,),
         ["net.conv1", "net.conv2", "net.head"],
     ),
     "transformer": (
         TransformerClassifier,
-        dict(in_features=16, patch_size=4, dim=8, depth=2, heads=2, mlp_ratio=2, num_classes=NUM_CLASSES), (16,),
-        ["net.embed"] + [f"net.blocks.{i}.{layer}" for i in range(2)
-                         for layer in ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2")] + ["net.head"],
+        dict(in_features=16, patch_size=4, dim=8, depth=2, heads=2, mlp_ratio=2, num_classes=NUM_CLASSES),
+        (16,),
+        ["net.embed"]
+        + [
+            f"net.blocks.{i}.{layer}"
+            for i in range(2)
+            for layer in ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2")
+        ]
+        + ["net.head"],
     ),
     "resnet": (
-        ResNetClassifier, dict(in_channels=3, width=4, blocks=(1, 1, 1, 1), num_classes=NUM_CLASSES), (3, 8, 8),
+        ResNetClassifier,
+        dict(in_channels=3, width=4, blocks=(1, 1, 1, 1), num_classes=NUM_CLASSES),
+        (3, 8, 8),
         _resnet_layers(4),
     ),
 }
@@ -71,8 +77,15 @@ def data(input_shape: tuple[int, ...], n: int = 16) -> DataLoader:
 
 def trainer(**kwargs: Any) -> pl.Trainer:
     defaults = dict(
-        max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
     )
     return pl.Trainer(**{**defaults, **kwargs})
 
@@ -171,8 +184,10 @@ def test_default_optimizer_is_adam_without_scheduler() -> None:
 
 def test_optimizer_and_scheduler_factories_are_called() -> None:
     model = MLPClassifier(
-        widths=(8,), optimizer=partial(torch.optim.SGD, lr=0.1),
-        scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=3), scheduler_interval="step",
+        widths=(8,),
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=3),
+        scheduler_interval="step",
     )
     config = model.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
@@ -185,8 +200,11 @@ def test_optimizer_and_scheduler_factories_are_called() -> None:
 def test_plateau_scheduler_monitors_val_loss() -> None:
     model = MLPClassifier(widths=(8,), scheduler=partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=1))
     config = model.configure_optimizers()
-    assert config["lr_scheduler"] == {"scheduler": config["lr_scheduler"]["scheduler"], "interval": "epoch",
-                                      "monitor": "val_loss"}
+    assert config["lr_scheduler"] == {
+        "scheduler": config["lr_scheduler"]["scheduler"],
+        "interval": "epoch",
+        "monitor": "val_loss",
+    }
 
 
 @pytest.mark.parametrize(
@@ -202,8 +220,12 @@ def test_plateau_scheduler_monitors_val_loss() -> None:
         (MLPClassifier, dict(dropout=1.0), ValueError, r"`dropout` must be a float in \[0, 1\), got 1.0"),
         (CNN1DClassifier, dict(channels=()), ValueError, r"`channels` must hold at least one int"),
         (CNN1DClassifier, dict(kernel_size=True), ValueError, r"`kernel_size` must be an int >= 1, got True"),
-        (TransformerClassifier, dict(in_features=42), ValueError,
-         r"`in_features` \(42\) must be a multiple of `patch_size` \(4\)"),
+        (
+            TransformerClassifier,
+            dict(in_features=42),
+            ValueError,
+            r"`in_features` \(42\) must be a multiple of `patch_size` \(4\)",
+        ),
         (TransformerClassifier, dict(dim=30, heads=4), ValueError, r"`dim` \(30\) must be a multiple of `heads` \(4\)"),
         (TransformerClassifier, dict(depth=0), ValueError, r"`depth` must be an int >= 1"),
         (TransformerClassifier, dict(dropout=-0.1), ValueError, r"`dropout` must be a float in \[0, 1\)"),
@@ -263,10 +285,14 @@ def test_compressed_checkpoint_loads_with_weights_only(kind: str, tmp_path: Path
 
 def test_callback_compresses_and_rebuilds_optimizer_and_scheduler() -> None:
     model, input_shape = tiny(
-        "transformer", optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
-        scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5), scheduler_interval="step",
+        "transformer",
+        optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+        scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+        scheduler_interval="step",
     )
-    callback = LMDCompression(FixedRank(2), trigger="epoch", min_epochs=1, monitor="val_acc", sweep_points=0)
+    callback = LMDCompression(
+        FixedRank(2), trigger="epoch", min_epochs=1, monitor="val_acc", guard=Guard(sweep_points=0)
+    )
     loader = data(input_shape)
     t = trainer(max_epochs=2, callbacks=[callback])
     t.fit(model, loader, loader)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmd_lightning import EffectiveRank, EnergyRank, ErrorBound, FixedRank, GlobalBudget, RankRatio
-from lmd_lightning.policies import LayerSpectrum
+from lmd_lightning.truncate.policies import LayerSpectrum
 
 
 def layer(s: list[float] | torch.Tensor, shape: tuple[int, int] = (64, 64), name: str = "fc") -> LayerSpectrum:
@@ -80,8 +80,10 @@ def test_global_budget_spends_where_error_is_cheapest() -> None:
 def test_global_budget_meets_target_within_one_layer_granularity(fraction: float, kind: str) -> None:
     gen = torch.Generator().manual_seed(1)
     shapes = [(256, 128), (128, 128), (512, 64), (10, 128)]
-    spectra = [layer(torch.rand(min(sh), generator=gen).sort(descending=True).values ** 3, sh, f"l{i}")
-               for i, sh in enumerate(shapes)]
+    spectra = [
+        layer(torch.rand(min(sh), generator=gen).sort(descending=True).values ** 3, sh, f"l{i}")
+        for i, sh in enumerate(shapes)
+    ]
     policy = GlobalBudget(**{kind: fraction})
     ranks = policy.choose(spectra)
     total = sum(sp.cost_at(r) for sp, r in zip(spectra, ranks))

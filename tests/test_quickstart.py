@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lmd_lightning import quickstart
+from lmd_lightning.cli import quickstart
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +24,11 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)[0].splitlines()
     assert len(commands) == 2, "the README starts with exactly two commands"
-    assert commands[1] in (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert commands[1] in ci
+    lint = ci.index(".venv/bin/ruff check . && .venv/bin/ruff format --check .")
+    assert lint < ci.index(commands[1]), "the linter runs before the tests"
+    pin = re.search(r"ruff==[\d.]+", (ROOT / "pyproject.toml").read_text()).group()
+    assert f"pip install {pin} &&" in ci, "CI lints with the ruff the dev extra pins"
     assert "torch==2.13.0" in commands[0] and "torch==2.13.0" in commands[1]
     assert commands[0].endswith(".venv/bin/lmd-train"), "the main command runs the default recipe"

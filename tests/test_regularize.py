@@ -7,8 +7,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lmd_lightning import FactoredConv2d, FactoredLinear, FixedRank, LMDCompression, Regularizer
-from lmd_lightning.regularize import identity_penalty, knn_graph, laplacian_penalty, smoothness
+from lmd_lightning import FactoredConv2d, FactoredLinear, FixedRank, Guard, LMDCompression, Regularizer
+from lmd_lightning.lmd.regularize import identity_penalty, knn_graph, laplacian_penalty, smoothness
 from tests.lightning_models import LitMLP, loaders, trainer
 
 
@@ -48,7 +48,9 @@ def layer_with_moved_maps(kind: str = "linear", parametrization: str = "svd") ->
     if kind == "linear":
         layer = FactoredLinear(6, 5, 3, parametrization=parametrization, metric_maps=True, dtype=torch.float64)
     else:
-        layer = FactoredConv2d(2, 5, 3, 3, padding=1, parametrization=parametrization, metric_maps=True, dtype=torch.float64)
+        layer = FactoredConv2d(
+            2, 5, 3, 3, padding=1, parametrization=parametrization, metric_maps=True, dtype=torch.float64
+        )
     with torch.no_grad():
         layer.I_dist.add_(0.3 * torch.randn(3, 3, dtype=torch.float64))
         layer.O_dist.add_(0.3 * torch.randn(3, 3, dtype=torch.float64))
@@ -86,7 +88,7 @@ def test_orthogonality_is_zero_at_the_canonical_form_and_reaches_U_and_V(paramet
 def test_laplacian_penalty_gradients_reach_only_the_maps(kind):
     layer = layer_with_moved_maps(kind)
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64) if kind == "conv" else torch.randn(30, 6, dtype=torch.float64)
-    from lmd_lightning.calibration import layer_rows
+    from lmd_lightning.truncate.calibration import layer_rows
 
     rows = layer_rows(layer, x)
     y = layer(x).detach()
@@ -115,9 +117,13 @@ def test_regularizer_arguments(kwargs, match):
 
 
 def test_callback_misconfiguration():
-    with pytest.raises(ValueError, match=r"`regularizer`='laplacian' acts on the metric maps: it needs metric_maps=True"):
+    with pytest.raises(
+        ValueError, match=r"`regularizer`='laplacian' acts on the metric maps: it needs metric_maps=True"
+    ):
         LMDCompression(FixedRank(4), regularizer="laplacian")
-    with pytest.raises(ValueError, match=r"`regularizer` must be one of \('identity', 'laplacian'\), a Regularizer or None, got 'l2'"):
+    with pytest.raises(
+        ValueError, match=r"`regularizer` must be one of \('identity', 'laplacian'\), a Regularizer or None, got 'l2'"
+    ):
         LMDCompression(FixedRank(4), metric_maps=True, regularizer="l2")
     with pytest.raises(ValueError, match="`lmd_lambda` must be a finite number >= 0, got -1"):
         LMDCompression(FixedRank(4), metric_maps=True, regularizer=Regularizer(lmd_lambda=-1))
@@ -137,8 +143,15 @@ def fit_with(regularizer, accumulate: int = 1, fold_maps: bool = False, metric_m
     model = LitMLP(max_epochs=3, optimizer="adamw", lr=3e-3)
     train, val = loaders()
     snap = Snapshot()
-    lmd = LMDCompression(FixedRank(8), trigger="epoch", min_epochs=1, exclude="net.4", metric_maps=metric_maps,
-                         regularizer=regularizer, fold_maps=fold_maps)
+    lmd = LMDCompression(
+        FixedRank(8),
+        trigger="epoch",
+        min_epochs=1,
+        exclude="net.4",
+        metric_maps=metric_maps,
+        regularizer=regularizer,
+        fold_maps=fold_maps,
+    )
     t = trainer(3, [snap, lmd], accumulate_grad_batches=accumulate)
     t.fit(model, train, val)
     return model, snap.state, t, lmd
@@ -166,7 +179,7 @@ def test_identity_prior_keeps_the_maps_near_identity_in_training():
 
 def test_gradient_accumulation_divides_the_penalty():
     """One accumulated step of 2 batches adds the same penalty gradient as one unaccumulated step."""
-    from lmd_lightning.regularize import RegularizerRun
+    from lmd_lightning.lmd.regularize import RegularizerRun
 
     layer = layer_with_moved_maps()
     run = RegularizerRun(Regularizer(kind="identity", lmd_lambda=1.0))
@@ -209,9 +222,16 @@ def test_bf16_mixed_with_data_metric_and_laplacian():
     pl.seed_everything(0, verbose=False)
     model = LitMLP(max_epochs=2, optimizer="adamw", lr=3e-3)
     train, val = loaders()
-    lmd = LMDCompression(FixedRank(8), trigger="epoch", min_epochs=1, exclude="net.4", metric=DataMetric(batches=2),
-                         metric_maps=True, regularizer=Regularizer("laplacian", lmd_lambda=1.0, points=32, k=4),
-                         fold_maps=False)
+    lmd = LMDCompression(
+        FixedRank(8),
+        trigger="epoch",
+        min_epochs=1,
+        exclude="net.4",
+        metric=DataMetric(batches=2),
+        metric_maps=True,
+        regularizer=Regularizer("laplacian", lmd_lambda=1.0, points=32, k=4),
+        fold_maps=False,
+    )
     t = trainer(2, [lmd], precision="bf16-mixed")
     t.fit(model, train, val)
     assert lmd.compressed and lmd.failure is None and model.net[0].rank == 8
@@ -221,7 +241,7 @@ def test_bf16_mixed_with_data_metric_and_laplacian():
 
 
 def test_callback_passes_accumulation_and_no_loss_scale_to_the_penalty(monkeypatch):
-    from lmd_lightning.regularize import RegularizerRun
+    from lmd_lightning.lmd.regularize import RegularizerRun
 
     seen = []
     original = RegularizerRun.add_gradients
@@ -239,7 +259,7 @@ def test_callback_passes_accumulation_and_no_loss_scale_to_the_penalty(monkeypat
 
 
 def test_laplacian_gradients_go_through_one_reduce():
-    from lmd_lightning.regularize import RegularizerRun
+    from lmd_lightning.lmd.regularize import RegularizerRun
 
     layer = layer_with_moved_maps()
     run = RegularizerRun(Regularizer(kind="laplacian", lmd_lambda=1.0, points=20, k=4))
@@ -293,11 +313,19 @@ def test_guard_with_data_metric_and_maps_leaves_no_hooks_and_keeps_maps():
     pl.seed_everything(0, verbose=False)
     model = LitMLP(max_epochs=2)
     train, val = loaders()
-    lmd = LMDCompression(EnergyRank(0.95), trigger="epoch", min_epochs=1, exclude="net.4", metric=DataMetric(batches=2),
-                         metric_maps=True, fold_maps=False, monitor="val_acc", max_accuracy_drop=0.05,
-                         search_steps=2, sweep_points=2)
+    lmd = LMDCompression(
+        EnergyRank(0.95),
+        trigger="epoch",
+        min_epochs=1,
+        exclude="net.4",
+        metric=DataMetric(batches=2),
+        metric_maps=True,
+        fold_maps=False,
+        monitor="val_acc",
+        guard=Guard(max_drop=0.05, search_steps=2, sweep_points=2),
+    )
     trainer(2, [lmd]).fit(model, train, val)
-    assert lmd.compressed and lmd.failure is None and len(lmd.guard["trials"]) >= 2
+    assert lmd.compressed and lmd.failure is None and len(lmd.guard_record.trials) >= 2
     factored = [m for m in model.modules() if isinstance(m, FactoredLinear)]
     assert factored and all(m.has_metric_maps for m in factored)
     assert all(not m._forward_hooks for m in model.modules())

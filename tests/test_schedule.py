@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmd_lightning.schedule import Schedule, default_last_epoch
+from lmd_lightning.callback.schedule import Schedule, default_last_epoch
 
 
 def test_default_last_epoch_is_two_thirds_of_the_run() -> None:

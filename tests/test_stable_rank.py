@@ -9,8 +9,8 @@ import pytorch_lightning as pl
 import torch
 
 from lmd_lightning import EnergyRank, FactoredLinear, LMDCompression, StableRank, StableRankMonitor, compress_
-from lmd_lightning.policies import LayerSpectrum
-from lmd_lightning.stable_rank import spectral_norm, stable_rank
+from lmd_lightning.monitors.stable_rank import spectral_norm, stable_rank
+from lmd_lightning.truncate.policies import LayerSpectrum
 from tests.lightning_models import LitMLP, loaders, trainer
 
 
@@ -149,8 +149,10 @@ class WeightsAtEpochStart(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch not in self.weights and not any(isinstance(m, FactoredLinear) for m in pl_module.net):
             net = pl_module.net
-            self.weights[trainer.current_epoch] = {"net.0": net[0].weight.detach().clone(),
-                                                   "net.2": net[2].weight.detach().clone()}
+            self.weights[trainer.current_epoch] = {
+                "net.0": net[0].weight.detach().clone(),
+                "net.2": net[2].weight.detach().clone(),
+            }
 
 
 def fit(lmd: LMDCompression, max_epochs: int = 6) -> tuple[LitMLP, WeightsAtEpochStart]:
@@ -198,8 +200,10 @@ def test_stable_rank_trigger_is_forced_when_the_ranks_keep_moving() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"trigger": "stable_rank", "rounds": 2, "policy": EnergyRank(0.5)},
-         r"`rounds`=2: the stable-rank trigger switches once"),
+        (
+            {"trigger": "stable_rank", "rounds": 2, "policy": EnergyRank(0.5)},
+            r"`rounds`=2: the stable-rank trigger switches once",
+        ),
         ({"policy": StableRank(), "rounds": 2}, r"StableRank is relative to the weights at initialization"),
         ({"trigger": "cuttlefish"}, r"`trigger` must be one of \('grad_norm', 'epoch', 'stable_rank'\)"),
     ],

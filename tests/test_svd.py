@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmd_lightning import svd
-from lmd_lightning.svd import SVDFailedError, eckart_young_error, energy_kept, truncated_svd
+from lmd_lightning.layers import svd
+from lmd_lightning.layers.svd import SVDFailedError, eckart_young_error, energy_kept, truncated_svd
 from tests.conftest import matrix_with_spectrum
 
 

@@ -10,14 +10,20 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lmd_lightning import EnergyRank, LMDCompression
+from lmd_lightning import EnergyRank, Guard, LMDCompression
 from tests.lightning_models import LitMLP, loaders, trainer
 
 
 def fit_logged(logger, **kwargs) -> LMDCompression:
     pl.seed_everything(0, verbose=False)
-    callback = LMDCompression(EnergyRank(0.6), trigger="epoch", min_epochs=1, exclude="net.4", monitor="val_acc",
-                              guard_batches=1, **kwargs)
+    callback = LMDCompression(
+        EnergyRank(0.6),
+        trigger="epoch",
+        min_epochs=1,
+        exclude="net.4",
+        monitor="val_acc",
+        guard=Guard(batches=1, **kwargs),
+    )
     train, val = loaders()
     trainer(2, [callback], logger=logger).fit(LitMLP(max_epochs=2), train, val)
     return callback
@@ -34,11 +40,11 @@ def test_tensorboard_gets_scalars_sweep_spectra_and_layout(tmp_path: Path) -> No
     report = callback.reports[0]
     assert value["lmd/params"] == report["totals"]["model_params_after"]
     assert value["lmd/compression_ratio"] == pytest.approx(report["totals"]["compression_ratio"], rel=1e-6)
-    assert value["lmd/metric_before"] == pytest.approx(callback.guard["before"], rel=1e-6)
-    assert value["lmd/metric_after"] == pytest.approx(callback.guard["after"], rel=1e-6)
+    assert value["lmd/metric_before"] == pytest.approx(callback.guard_record.before, rel=1e-6)
+    assert value["lmd/metric_after"] == pytest.approx(callback.guard_record.after, rel=1e-6)
     assert "lmd/grad_norm_ema" not in value  # trigger="epoch" measures no gradient norm
     sweep = events.Scalars("lmd/sweep/val_acc")
-    assert len(sweep) == 4 and sorted(s.step for s in sweep) == sorted(r["params"] for r in callback.sweep)
+    assert len(sweep) == 4 and sorted(s.step for s in sweep) == sorted(p.params for p in callback.sweep)
     assert {"lmd/spectra", "lmd/rank_accuracy_sweep"} <= set(tags["images"])
     assert {"lmd/singular_values/net.0", "lmd/singular_values/net.2"} <= set(tags["histograms"])
     assert "custom_scalars__config__" in tags["tensors"]  # the Custom Scalars layout

@@ -11,7 +11,7 @@ from torch import nn
 
 L = pytest.importorskip("lightning.pytorch")
 
-from lmd_lightning import FactoredLinear, FixedRank, load_compressed  # noqa: E402
+from lmd_lightning import FactoredLinear, FixedRank, Guard, load_compressed  # noqa: E402
 from lmd_lightning.lightning import LMDCompression  # noqa: E402
 from tests.lightning_models import loaders  # noqa: E402
 
@@ -38,15 +38,22 @@ class UnifiedMLP(L.LightningModule):
 def test_unified_trainer_compresses_checkpoints_and_reloads(tmp_path: Path) -> None:
     L.seed_everything(0, verbose=False)
     model = UnifiedMLP()
-    callback = LMDCompression(FixedRank(8), trigger="epoch", min_epochs=1, exclude="net.4",
-                              monitor="val_acc", max_accuracy_drop=0.5)
+    callback = LMDCompression(
+        FixedRank(8), trigger="epoch", min_epochs=1, exclude="net.4", monitor="val_acc", guard=Guard(max_drop=0.5)
+    )
     checkpoint = L.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[callback, checkpoint])
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback, checkpoint],
+    )
     train, val = loaders()
     trainer.fit(model, train, val)
     assert isinstance(model.net[0], FactoredLinear) and callback.compressed_epochs == [1]
-    assert callback.guard["before"] - callback.guard["after"] <= 0.5
+    assert callback.guard_record.before - callback.guard_record.after <= 0.5
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert optimized == {id(p) for p in model.parameters()}
     loaded = load_compressed(UnifiedMLP, tmp_path / "last.ckpt")

@@ -53,5 +53,7 @@ def load_mnist1d(
         np.savez_compressed(path, **arrays)
     x, y = torch.as_tensor(arrays["x"], dtype=torch.float32), torch.as_tensor(arrays["y"], dtype=torch.int64)
     n_val = round(len(x) * val_fraction)
-    test = Split(torch.as_tensor(arrays["x_test"], dtype=torch.float32), torch.as_tensor(arrays["y_test"], dtype=torch.int64))
+    test = Split(
+        torch.as_tensor(arrays["x_test"], dtype=torch.float32), torch.as_tensor(arrays["y_test"], dtype=torch.int64)
+    )
     return {"train": Split(x[:-n_val], y[:-n_val]), "val": Split(x[-n_val:], y[-n_val:]), "test": test}

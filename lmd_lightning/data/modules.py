@@ -17,15 +17,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
 
+from lmd_lightning.checks import check_int
 from lmd_lightning.data.mnist1d import Split, default_data_dir, load_mnist1d
 from lmd_lightning.data.synthetic import teacher_classification
 
 __all__ = ["MNIST1DDataModule", "TeacherDataModule", "TorchvisionDataModule"]
-
-
-def _check_positive(value: object, arg: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{arg}` must be an int >= 1, got {value!r}")
 
 
 class _DataModule(pl.LightningDataModule):
@@ -36,14 +32,17 @@ class _DataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int, seed: int, num_workers: int = 0) -> None:
         super().__init__()
-        _check_positive(batch_size, "batch_size")
+        check_int(batch_size, "batch_size", 1)
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.datasets: dict[str, Dataset] = {}
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
-            self.datasets[name], batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+            self.datasets[name],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
             num_workers=self.num_workers,
         )
 
@@ -93,7 +92,7 @@ class MNIST1DDataModule(_SplitsDataModule):
         super().__init__(batch_size, seed, num_workers)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}")
-        _check_positive(num_samples, "num_samples")
+        check_int(num_samples, "num_samples", 1)
         self.data_dir, self.val_fraction, self.num_samples = data_dir, val_fraction, num_samples
 
     def prepare_data(self) -> None:
@@ -111,17 +110,23 @@ class TeacherDataModule(_SplitsDataModule):
     """
 
     def __init__(
-        self, n: int = 2048, dim: int = 32, classes: int = 4, rank: int = 4, batch_size: int = 128, seed: int = 0,
+        self,
+        n: int = 2048,
+        dim: int = 32,
+        classes: int = 4,
+        rank: int = 4,
+        batch_size: int = 128,
+        seed: int = 0,
         input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__(batch_size, seed)
         if input_shape is not None:
             input_shape = tuple(input_shape)
             for size in input_shape:
-                _check_positive(size, "input_shape")
+                check_int(size, "input_shape", 1)
             dim = math.prod(input_shape)
         for value, arg in ((n, "n"), (dim, "dim"), (classes, "classes"), (rank, "rank")):
-            _check_positive(value, arg)
+            check_int(value, arg, 1)
         self.n, self.dim, self.classes, self.rank = n, dim, classes, rank
         self.num_classes, self.input_shape = classes, input_shape or (dim,)
 
@@ -153,7 +158,7 @@ class TorchvisionDataModule(_DataModule):
         if name not in TORCHVISION:
             raise ValueError(f"`name` must be one of {sorted(TORCHVISION)}, got {name!r}")
         super().__init__(batch_size, seed, num_workers)
-        _check_positive(val_size, "val_size")
+        check_int(val_size, "val_size", 1)
         self.name, self.val_size = name, val_size
         self.data_dir = Path(data_dir or default_data_dir())
         self.download = download

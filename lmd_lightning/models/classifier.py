@@ -16,26 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-__all__ = [
-    "INTERVALS",
-    "Classifier",
-    "OptimizerFactory",
-    "SchedulerFactory",
-    "as_int_tuple",
-    "check_dropout",
-    "check_int",
-]
+from lmd_lightning.checks import check_choice, check_unit_interval
+
+__all__ = ["INTERVALS", "Classifier", "OptimizerFactory", "SchedulerFactory", "as_int_tuple", "check_dropout"]
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]  # optimizer(params)
 SchedulerFactory = Callable[..., LRScheduler]  # scheduler(optimizer)
 INTERVALS = ("epoch", "step")
-
-
-def check_int(value: object, arg: str, low: int = 1) -> int:
-    """`value` itself, once it is an int (not a bool) >= `low`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{arg}` must be an int >= {low}, got {value!r}")
-    return value
 
 
 def as_int_tuple(value: object, arg: str, allow_empty: bool = False) -> tuple[int, ...]:
@@ -56,9 +43,7 @@ def as_int_tuple(value: object, arg: str, allow_empty: bool = False) -> tuple[in
 
 def check_dropout(value: object, arg: str = "dropout") -> float:
     """A dropout probability in [0, 1), as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"`{arg}` must be a float in [0, 1), got {value!r}")
-    return float(value)
+    return float(check_unit_interval(value, arg, closed_low=True))
 
 
 class Classifier(pl.LightningModule):
@@ -87,8 +72,7 @@ class Classifier(pl.LightningModule):
         for arg, factory in (("optimizer", optimizer), ("scheduler", scheduler)):
             if factory is not None and not callable(factory):
                 raise TypeError(f"`{arg}` must be a callable factory (e.g. functools.partial) or None, got {factory!r}")
-        if scheduler_interval not in INTERVALS:
-            raise ValueError(f"`scheduler_interval` must be one of {INTERVALS}, got {scheduler_interval!r}")
+        check_choice(scheduler_interval, "scheduler_interval", INTERVALS)
         # Kept as factories, never as built objects: LMDCompression re-runs configure_optimizers
         # after swapping modules, and the new optimizer must see the new parameters.
         self.optimizer_factory = optimizer

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lmd_lightning.models.classifier import Classifier, OptimizerFactory, SchedulerFactory, as_int_tuple, check_int
+from lmd_lightning.checks import check_int
+from lmd_lightning.models.classifier import Classifier, OptimizerFactory, SchedulerFactory, as_int_tuple
 
 __all__ = ["CNN1DClassifier"]
 

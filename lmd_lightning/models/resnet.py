@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmd_lightning.models.classifier import Classifier, OptimizerFactory, SchedulerFactory, as_int_tuple, check_int
+from lmd_lightning.checks import check_int
+from lmd_lightning.models.classifier import Classifier, OptimizerFactory, SchedulerFactory, as_int_tuple
 
 __all__ = ["BasicBlock", "ResNet", "ResNetClassifier"]
 

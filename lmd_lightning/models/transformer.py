@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmd_lightning.models.classifier import Classifier, OptimizerFactory, SchedulerFactory, check_dropout, check_int
+from lmd_lightning.checks import check_int
+from lmd_lightning.models.classifier import Classifier, OptimizerFactory, SchedulerFactory, check_dropout
 
 __all__ = ["Block", "FeedForward", "SelfAttention", "TransformerClassifier", "TransformerNet"]
 
@@ -73,8 +74,15 @@ class TransformerNet(nn.Module):
     """(B, L) → patches (B, T, P) → embed + position (B, T, C) → blocks → norm → mean over T → head."""
 
     def __init__(
-        self, in_features: int, patch_size: int, dim: int, depth: int, heads: int, mlp_ratio: int,
-        num_classes: int, dropout: float,
+        self,
+        in_features: int,
+        patch_size: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: int,
+        num_classes: int,
+        dropout: float,
     ) -> None:
         super().__init__()
         tokens = in_features // patch_size
@@ -127,8 +135,14 @@ class TransformerClassifier(Classifier):
         scheduler_interval: str = "epoch",
     ) -> None:
         super().__init__(optimizer, scheduler, scheduler_interval)
-        for arg, value in (("in_features", in_features), ("patch_size", patch_size), ("dim", dim),
-                           ("depth", depth), ("heads", heads), ("mlp_ratio", mlp_ratio)):
+        for arg, value in (
+            ("in_features", in_features),
+            ("patch_size", patch_size),
+            ("dim", dim),
+            ("depth", depth),
+            ("heads", heads),
+            ("mlp_ratio", mlp_ratio),
+        ):
             check_int(value, arg)
         check_int(num_classes, "num_classes", low=2)
         dropout = check_dropout(dropout)

@@ -1,0 +1,137 @@
+"""What the callback logs at a compression: scalars to every logger, figures to TensorBoard.
+
+- Every logger (TensorBoard, CSV, …) gets the scalars through `log_metrics`: per-layer rank
+  `lmd/rank/<layer>`, `lmd/params`, `lmd/compression_ratio`, `lmd/macs`, `lmd/round`, and the
+  monitored metric before and right after truncation.
+- A TensorBoard logger also gets the rank–accuracy sweep (as the scalar `lmd/sweep/<monitor>`
+  over the parameter count, and as a figure with the chosen point marked), the singular-value
+  spectra with the cut marked (a figure, and one histogram per layer), and a custom-scalars layout.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from matplotlib.figure import Figure  # the object API: no pyplot state, no backend switching
+from matplotlib.ticker import FuncFormatter
+from torch.utils.tensorboard import SummaryWriter
+
+from lmd_lightning.callback.guard import GuardRecord, SweepPoint
+from lmd_lightning.truncate.report import CompressionReport, count_label
+
+__all__ = ["log_compression", "log_final", "log_layout", "writers"]
+
+MAX_SPECTRA = 12  # layers drawn in the spectra figure; histograms cover all of them
+
+
+def writers(loggers: list) -> list[SummaryWriter]:
+    """The SummaryWriters behind the TensorBoard loggers among `loggers`."""
+    return [logger.experiment for logger in loggers if isinstance(getattr(logger, "experiment", None), SummaryWriter)]
+
+
+def log_layout(loggers: list, monitor: str | None) -> None:
+    """Group the lmd/ scalars in TensorBoard's Custom Scalars tab."""
+    charts = {
+        "ranks": ["Multiline", [r"lmd/rank/.*"]],
+        "size": ["Multiline", ["lmd/params", "lmd/macs", "lmd/compression_ratio"]],
+        "convergence": ["Multiline", [r"lmd/grad_norm.*"]],
+    }
+    if monitor is not None:
+        charts["metric"] = ["Multiline", ["lmd/metric_before", "lmd/metric_after", monitor]]
+        charts["rank-accuracy sweep"] = ["Multiline", [f"lmd/sweep/{monitor}"]]
+    for writer in writers(loggers):
+        writer.add_custom_scalars({"lmd": charts})
+
+
+def _scalars(report: CompressionReport, round_: int, record: GuardRecord | None) -> dict[str, float]:
+    scalars = {
+        "lmd/round": float(round_),
+        "lmd/params": float(report.model_params_after),
+        "lmd/macs": float(report.macs_after),
+        "lmd/compression_ratio": report.compression_ratio,
+    }
+    scalars.update({f"lmd/rank/{layer.name}": float(layer.rank) for layer in report.layers if layer.rank is not None})
+    if record is not None:
+        scalars["lmd/metric_before"], scalars["lmd/metric_after"] = record.before, record.after
+    return scalars
+
+
+def log_compression(
+    loggers: list,
+    step: int,
+    report: CompressionReport,
+    round_: int,
+    record: GuardRecord | None = None,
+    sweep: list[SweepPoint] | None = None,
+    monitor: str | None = None,
+) -> None:
+    """Log one compression round (see the module docstring for what goes where)."""
+    scalars = _scalars(report, round_, record)
+    for logger in loggers:
+        logger.log_metrics(scalars, step)
+    for writer in writers(loggers):
+        _spectra(writer, report, step)
+        if sweep:
+            _sweep(writer, sweep, monitor, step, chosen=(report.model_params_after, record.after if record else None))
+        writer.flush()
+
+
+def _spectra(writer: SummaryWriter, report: CompressionReport, step: int) -> None:
+    ranks = {layer.name: layer.rank for layer in report.layers}
+    for name, s in report.spectra.items():
+        writer.add_histogram(f"lmd/singular_values/{name}", s.float(), step)
+    names = list(report.spectra)[:MAX_SPECTRA]
+    if not names:
+        return
+    cols, rows = min(3, len(names)), math.ceil(len(names) / min(3, len(names)))
+    fig = Figure(figsize=(4 * cols, 3 * rows))
+    for index, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, index + 1)
+        s = report.spectra[name].float().cpu()
+        ax.semilogy(range(1, len(s) + 1), s.clamp_min(1e-12).numpy())
+        if ranks.get(name):
+            ax.axvline(ranks[name], color="red", linestyle="--", label=f"rank {ranks[name]}")
+            ax.legend(loc="upper right")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("i")
+        ax.set_ylabel("σᵢ")
+    fig.tight_layout()
+    writer.add_figure("lmd/spectra", fig, step)
+
+
+def _sweep(
+    writer: SummaryWriter, sweep: list[SweepPoint], monitor: str, step: int, chosen: tuple[int, float | None]
+) -> None:
+    for point in sorted(sweep, key=lambda p: p.params):
+        writer.add_scalar(f"lmd/sweep/{monitor}", point.value, global_step=point.params)
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.add_subplot()
+    ax.plot([p.params for p in sweep], [p.value for p in sweep], "o-", label="truncated, no fine-tune")
+    if chosen[1] is not None:
+        ax.plot([chosen[0]], [chosen[1]], "r*", markersize=14, label="chosen")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(count_label))
+    ax.xaxis.set_minor_formatter(FuncFormatter(count_label))
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(monitor)
+    ax.legend()
+    fig.tight_layout()
+    writer.add_figure("lmd/rank_accuracy_sweep", fig, step)
+
+
+def log_final(
+    loggers: list, hparams: dict[str, Any], params: int, ratio: float, monitor: str | None, value: Any
+) -> None:
+    """Hyper-parameters with the final metrics on TensorBoard loggers; `hp_metric` gets a real value.
+
+    `hp_metric` is the final monitored metric, or the compression ratio without a monitor,
+    in place of the −1 that Lightning writes at the start.
+    """
+    metrics = {"lmd/final_params": float(params), "lmd/compression_ratio": float(ratio)}
+    if value is not None:
+        metrics[f"lmd/final_{monitor}"] = float(value)
+    metrics["hp_metric"] = metrics.get(f"lmd/final_{monitor}", metrics["lmd/compression_ratio"])
+    for logger in loggers:
+        if isinstance(getattr(logger, "experiment", None), SummaryWriter):
+            logger.log_hyperparams(hparams, metrics)

@@ -1,0 +1,273 @@
+"""The only module that touches Lightning internals: what a Lightning upgrade may break is here.
+
+- `check_supported`: strategies and modes the callback can handle, refused clearly otherwise;
+- `gradient_unscale_factor`: the AMP scale still on the gradients at `on_before_optimizer_step`;
+- `loss_scale`: the AMP scale on the loss's gradients after backward (for the regularizer's);
+- `rebuild`: after a module swap, re-run the user's `configure_optimizers`, carry the optimizer
+  state of every surviving parameter over, continue the LR schedule, and re-wrap DDP;
+- `restore`: go back to the optimizers from before a swap that failed;
+- `evaluate`: the user's validation metric on a few batches, outside Lightning's loops;
+- `calibration`: training batches for metric="data", on the device, summed over processes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from lmd_lightning.truncate.calibration import Calibration, DataMetric
+
+__all__ = [
+    "Snapshot",
+    "calibration",
+    "check_supported",
+    "evaluate",
+    "gradient_unscale_factor",
+    "lightning_of",
+    "loss_scale",
+    "rebuild",
+    "restore",
+    "snapshot",
+]
+
+
+def lightning_of(trainer: pl.Trainer) -> ModuleType:
+    """`pytorch_lightning` or `lightning.pytorch`: the package this trainer comes from."""
+    unified = type(trainer).__module__.split(".")[0] == "lightning"
+    return importlib.import_module("lightning.pytorch" if unified else "pytorch_lightning")
+
+
+def _is_ddp(trainer: pl.Trainer) -> bool:
+    return isinstance(trainer.strategy, lightning_of(trainer).strategies.DDPStrategy)
+
+
+def check_supported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Raise at setup for what cannot work, rather than failing at the swap."""
+    strategy, L = trainer.strategy, lightning_of(trainer)
+    if isinstance(strategy, (L.strategies.FSDPStrategy, L.strategies.DeepSpeedStrategy)):
+        raise ValueError(
+            f"LMDCompression does not support {type(strategy).__name__} yet: sharded weights must be gathered "
+            "before truncation and re-sharded after it. Use a single device or strategy='ddp'."
+        )
+    if not isinstance(strategy, (L.strategies.SingleDeviceStrategy, L.strategies.DDPStrategy)):
+        raise ValueError(f"LMDCompression supports single-device and DDP strategies, got {type(strategy).__name__}")
+    # WeightAveraging (EMA) exists from Lightning 2.6 on.
+    averaging_types = tuple(
+        t for t in (L.callbacks.StochasticWeightAveraging, getattr(L.callbacks, "WeightAveraging", None)) if t
+    )
+    averaging = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, averaging_types)]
+    if averaging:
+        raise ValueError(
+            f"LMDCompression cannot run with {averaging}: the averaged copy of the model keeps the dense layers, "
+            "so it no longer matches the model after the swap. Remove the weight-averaging callback, or average "
+            "only during a later fine-tuning run started from the compressed checkpoint."
+        )
+    if not pl_module.automatic_optimization:
+        raise ValueError(
+            "LMDCompression needs automatic optimization (`automatic_optimization = True`): with manual optimization "
+            "it cannot rebuild your optimizers after the swap or measure ‖∇L‖ once per optimizer step."
+        )
+
+
+def gradient_unscale_factor(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """1/scale when gradients are still AMP-scaled at `on_before_optimizer_step`, else None.
+
+    Lightning unscales before that hook, except for optimizers that unscale inside `step()`
+    (fused Adam/AdamW/SGD): for those the gradients the callback sees are still multiplied by
+    the GradScaler's scale.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return None
+    return scaler._scale.reciprocal() if scaler._scale is not None else None
+
+
+def loss_scale(trainer: pl.Trainer) -> float | None:
+    """The AMP GradScaler's current scale (what the loss's gradients are multiplied by), or None without one."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler.get_scale() if scaler is not None else None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The optimizers and scheduler configs before a swap, to carry over or to go back to."""
+
+    optimizers: list
+    lr_scheduler_configs: list
+
+
+def snapshot(trainer: pl.Trainer) -> Snapshot:
+    return Snapshot(list(trainer.strategy.optimizers), list(trainer.strategy.lr_scheduler_configs))
+
+
+def _rewrap_ddp(trainer: pl.Trainer) -> None:
+    strategy = trainer.strategy
+    if _is_ddp(trainer):
+        strategy.model = strategy.lightning_module  # unwrap: the old wrapper holds the old parameters
+        strategy.configure_ddp()
+
+
+def restore(trainer: pl.Trainer, before: Snapshot) -> None:
+    """Go back to the optimizers of `before` (after the modules themselves were put back)."""
+    trainer.strategy.optimizers = before.optimizers
+    trainer.strategy.lr_scheduler_configs = before.lr_scheduler_configs
+    _rewrap_ddp(trainer)
+
+
+def _carry_optimizer(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> int:
+    """Copy per-parameter state of surviving parameters and the groups' hyper-parameters."""
+    carried = 0
+    for group in new.param_groups:
+        for param in group["params"]:
+            if param in old.state:
+                new.state[param] = old.state[param]
+                carried += 1
+    for old_group, new_group in zip(old.param_groups, new.param_groups):
+        new_group.update({key: value for key, value in old_group.items() if key != "params"})
+    return carried
+
+
+def rebuild(trainer: pl.Trainer, before: Snapshot) -> dict[str, Any]:
+    """Re-create optimizers and schedulers after a module swap, keeping what survived.
+
+    `before` is the `snapshot` taken before the swap. Returns counts for the log. Raises
+    RuntimeError when `configure_optimizers` now returns a different number of optimizers or
+    schedulers; the caller then puts the modules back and calls `restore`.
+    """
+    _rewrap_ddp(trainer)
+    trainer.strategy.setup_optimizers(trainer)
+    after = snapshot(trainer)
+    if len(before.optimizers) != len(after.optimizers) or len(before.lr_scheduler_configs) != len(
+        after.lr_scheduler_configs
+    ):
+        raise RuntimeError(
+            f"configure_optimizers returned {len(after.optimizers)} optimizers / {len(after.lr_scheduler_configs)} "
+            f"schedulers after the swap, {len(before.optimizers)} / {len(before.lr_scheduler_configs)} before"
+        )
+    for old, new in zip(before.optimizers, after.optimizers):
+        if len(old.param_groups) != len(new.param_groups):
+            raise RuntimeError(
+                f"configure_optimizers built {len(new.param_groups)} parameter groups after the swap, "
+                f"{len(old.param_groups)} before: their learning rates could not be carried over"
+            )
+    carried = sum(_carry_optimizer(old, new) for old, new in zip(before.optimizers, after.optimizers))
+    for old, new in zip(before.lr_scheduler_configs, after.lr_scheduler_configs):
+        new.scheduler.load_state_dict(old.scheduler.state_dict())
+    return {"carried_states": carried, "schedulers": len(after.lr_scheduler_configs)}
+
+
+def _batch_size(batch: Any) -> int:
+    if torch.is_tensor(batch):
+        return batch.shape[0] if batch.dim() else 1
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        return next(
+            (_batch_size(item) for item in batch if torch.is_tensor(item) or isinstance(item, (list, tuple))), 1
+        )
+    return 1
+
+
+def _loaders(trainer: pl.Trainer) -> list:
+    loaders = trainer.val_dataloaders
+    if loaders is None:
+        raise ValueError("LMDCompression's accuracy guard needs validation data: pass val_dataloaders to fit()")
+    if isinstance(loaders, Mapping):
+        return list(loaders.values())
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+
+@torch.no_grad()
+def evaluate(trainer: pl.Trainer, pl_module: pl.LightningModule, metric: str, max_batches: int) -> float:
+    """Mean of `metric` as the user's `validation_step` logs it, over at most `max_batches` per loader.
+
+    `self.log`/`self.log_dict` are intercepted for the duration, so nothing reaches the loggers,
+    the progress bar or callbacks such as EarlyStopping. Values are weighted by batch size and,
+    under DDP, averaged over all processes.
+    """
+    sums: dict[str, float] = defaultdict(float)
+    weights: dict[str, float] = defaultdict(float)
+    stateful: dict[str, Any] = {}  # torchmetrics objects: they accumulate, computed once at the end
+    size, suffix = 1, ""  # the current batch's size; "/dataloader_idx_N" with several loaders, as Lightning names
+
+    def capture(name: str, value: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
+        if hasattr(value, "compute"):
+            stateful[name + suffix] = value
+            return
+        weight = batch_size or size
+        sums[name + suffix] += float(value) * weight
+        weights[name + suffix] += weight
+
+    def capture_dict(values: Mapping[str, Any], *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
+        for name, value in values.items():
+            capture(name, value, batch_size=batch_size)
+
+    modes, loaders = {module: module.training for module in pl_module.modules()}, _loaders(trainer)
+    pl_module.log, pl_module.log_dict = capture, capture_dict  # instance attributes shadow the methods
+    pl_module.eval()
+    try:
+        for index, loader in enumerate(loaders):
+            extra = {"dataloader_idx": index} if len(loaders) > 1 else {}
+            suffix = f"/dataloader_idx_{index}" if len(loaders) > 1 else ""
+            for batch_idx, batch in enumerate(loader):
+                if batch_idx >= max_batches:
+                    break
+                size = _batch_size(batch)
+                batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+                trainer.strategy.validation_step(batch, batch_idx, **extra)  # precision context, DDP path
+    finally:
+        del pl_module.log, pl_module.log_dict
+        for module, training in modes.items():  # each submodule's own mode, as Lightning does
+            module.train(training)
+    values = {name: float(obj.compute()) for name, obj in stateful.items()}
+    for obj in stateful.values():
+        obj.reset()  # leave no trace in the real validation epoch
+    if metric in values:
+        return values[metric]
+    if metric not in sums:
+        raise KeyError(
+            f"`monitor` metric {metric!r} is not logged by validation_step; it logs: {sorted({*sums, *values})}"
+        )
+    totals = torch.tensor([sums[metric], weights[metric]], dtype=torch.float64, device=pl_module.device)
+    totals = trainer.strategy.reduce(totals, reduce_op="sum")
+    return float(totals[0] / totals[1])
+
+
+def _first_loader(loaders: Any) -> Any:
+    """The training loader, or the first of several (a list, tuple or mapping of loaders)."""
+    if isinstance(loaders, Mapping):
+        loaders = next(iter(loaders.values()), None)
+    elif isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    if loaders is None:
+        raise ValueError(
+            "metric='data' needs training batches to calibrate on, but the trainer has no train_dataloader"
+        )
+    return loaders
+
+
+def calibration(trainer: pl.Trainer, settings: DataMetric) -> Calibration:
+    """The first `settings.batches` training batches (all of them for None), moved to the device, as a Calibration run.
+
+    Forward passes run under the trainer's precision context; moments are summed over DDP
+    processes so that every process computes the same factors.
+    """
+    batches = []
+    with torch.random.fork_rng(devices=[]):  # a shuffled loader draws from the global RNG: leave training's order alone
+        for batch in _first_loader(trainer.train_dataloader):
+            batches.append(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch)))
+            if settings.batches is not None and len(batches) >= settings.batches:
+                break
+    return Calibration(
+        batches,
+        settings,
+        reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"),
+        context=trainer.precision_plugin.forward_context,
+    )

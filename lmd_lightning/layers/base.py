@@ -1,0 +1,221 @@
+"""Factored layers: W = U·diag(s)·Vᵀ held as thin factors, never as the dense matrix.
+
+Two ways to hold the factors (`parametrization`):
+- "balanced" (default): U·√s and V·√s as the parameters `U` and `V`, no `s`. Both factors
+  carry the same scale, so they train stably at the dense model's learning rate
+  (Pufferfish, Cuttlefish; measured in benchmarks/results/parametrization.md).
+- "svd": orthonormal `U`, `V` and the spectrum `s` as three parameters (LMD Eq. 2).
+Either way `singular_values()` returns the current spectrum exactly.
+
+Optionally a layer carries LMD's metric maps (Eq. 3–4): learnable r×r `I_dist` and `O_dist`,
+initialized to the identity, so that W = U·O_dist·diag(s)·I_dist·Vᵀ ("svd") or
+W = (U√s)·O_dist·I_dist·(V√s)ᵀ ("balanced"). `fold_()` multiplies them into the factors and
+restores the canonical form; the layer then computes the same map without them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lmd_lightning.checks import check_bool, check_choice
+from lmd_lightning.layers.svd import Factors, compute_dtype, eckart_young_error
+
+__all__ = ["PARAMETRIZATIONS", "FactoredModule", "check_layer_type", "check_rank", "copy_requires_grad"]
+
+Parametrization = Literal["balanced", "svd"]
+PARAMETRIZATIONS = ("balanced", "svd")
+
+
+def check_rank(rank: int, out_dim: int, fan_in: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(out_dim, fan_in):
+        raise ValueError(
+            f"`rank` must be an int in [1, {min(out_dim, fan_in)}] for a ({out_dim}, {fan_in}) weight, got {rank!r}"
+        )
+
+
+class FactoredModule(nn.Module):
+    """Shared mechanics of FactoredLinear and FactoredConv2d over the (out, fan_in) matrix."""
+
+    U: nn.Parameter  # (out, r)
+    V: nn.Parameter  # (fan_in, r)
+    s: nn.Parameter | None  # (r,), only with parametrization="svd"
+    bias: nn.Parameter | None  # (out,)
+    I_dist: nn.Parameter | None  # (r, r), only with metric maps
+    O_dist: nn.Parameter | None  # (r, r), only with metric maps
+
+    def _init_parameters(
+        self,
+        out_dim: int,
+        fan_in: int,
+        rank: int,
+        bias: bool,
+        parametrization: str,
+        device,
+        dtype,
+        metric_maps: bool = False,
+    ) -> None:
+        check_choice(parametrization, "parametrization", PARAMETRIZATIONS)
+        check_rank(rank, out_dim, fan_in)
+        self.parametrization = parametrization
+        kw = {"device": device, "dtype": dtype}
+        self.U = nn.Parameter(torch.empty(out_dim, rank, **kw))
+        self.V = nn.Parameter(torch.empty(fan_in, rank, **kw))
+        self.s = nn.Parameter(torch.empty(rank, **kw)) if parametrization == "svd" else None
+        self.bias = nn.Parameter(torch.empty(out_dim, **kw)) if bias else None
+        self.I_dist: nn.Parameter | None = None
+        self.O_dist: nn.Parameter | None = None
+        self.reset_parameters()
+        check_bool(metric_maps, "metric_maps")
+        if metric_maps:
+            self.add_metric_maps_()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random factors whose product has nn.Linear's default weight variance 1/(3·fan_in)."""
+        fan_in, rank = self.V.shape
+        std = (1.0 / (3.0 * fan_in * rank)) ** 0.25
+        nn.init.normal_(self.U, std=std)
+        nn.init.normal_(self.V, std=std)
+        if self.s is not None:
+            nn.init.ones_(self.s)
+        for dist in (self.I_dist, self.O_dist):
+            if dist is not None:
+                dist.copy_(torch.eye(self.rank, dtype=dist.dtype, device=dist.device))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    @property
+    def has_metric_maps(self) -> bool:
+        return self.I_dist is not None
+
+    def core(self) -> Tensor | None:
+        """O_dist·diag(s)·I_dist (r, r), or O_dist·I_dist when "balanced"; None without metric maps."""
+        if self.I_dist is None:
+            return None
+        inner = self.I_dist if self.s is None else self.s[:, None] * self.I_dist
+        return self.O_dist @ inner
+
+    def scaled_U(self) -> Tensor:
+        """The left factor (out, r), with the spectrum and any metric maps in it: W = scaled_U()·Vᵀ."""
+        core = self.core()
+        if core is not None:
+            return self.U @ core
+        return self.U if self.s is None else self.U * self.s
+
+    @torch.no_grad()
+    def add_metric_maps_(self) -> FactoredModule:
+        """Give the layer learnable r×r I_dist and O_dist at the identity (LMD Eq. 4): same output.
+
+        New parameters: rebuild any optimizer that should train them. A no-op if it has them.
+        """
+        if self.I_dist is None:
+            eye = torch.eye(self.rank, device=self.U.device, dtype=self.U.dtype)
+            self.I_dist = nn.Parameter(eye.clone(), requires_grad=self.U.requires_grad)
+            self.O_dist = nn.Parameter(eye.clone(), requires_grad=self.U.requires_grad)
+        return self
+
+    @torch.no_grad()
+    def fold_(self) -> FactoredModule:
+        """Multiply the metric maps into the factors and drop them, restoring the canonical form.
+
+        Afterwards U and V have orthonormal columns (scaled by √s when "balanced") and s descends;
+        the layer computes the same map up to rounding. A no-op without metric maps.
+        """
+        if self.I_dist is None:
+            return self
+        if not all(bool(torch.isfinite(p).all()) for p in self.parameters(recurse=False)):
+            raise ValueError(f"cannot fold the metric maps of {self.extra_repr()}: it has non-finite parameters")
+        factors = self.canonical_factors()
+        self.I_dist = self.O_dist = None
+        return self.load_factors_(factors)
+
+    def dense_weight(self) -> Tensor:
+        """The (out, fan_in) product U·diag(s)·Vᵀ. For export and checks, not for forward."""
+        return self.scaled_U() @ self.V.mT
+
+    @torch.no_grad()
+    def canonical_factors(self) -> Factors:
+        """The exact SVD of the current product, from QR of both factors and an SVD of the r×r core."""
+        work = compute_dtype(self.U.dtype)
+        Qu, Ru = torch.linalg.qr(self.scaled_U().to(work))  # (out, r), (r, r)
+        Qv, Rv = torch.linalg.qr(self.V.to(work))  # (fan_in, r), (r, r)
+        P, sigma, Qh = torch.linalg.svd(Ru @ Rv.mT)  # core (r, r) = P·diag(σ)·Qh
+        norm = float(torch.linalg.vector_norm(sigma))
+        return Factors(U=Qu @ P, s=sigma, V=Qv @ Qh.mT, error=0.0, norm=norm, method="exact")
+
+    def singular_values(self) -> Tensor:
+        """The current spectrum σ₁ ≥ … ≥ σ_r of U·diag(s)·Vᵀ (float32, or float64 for float64 layers)."""
+        return self.canonical_factors().s
+
+    def truncated_factors(self, new_rank: int) -> Factors:
+        """Eckart–Young truncation of the current product to `new_rank`, not yet applied."""
+        if isinstance(new_rank, bool) or not isinstance(new_rank, int) or not 1 <= new_rank <= self.rank:
+            raise ValueError(f"`new_rank` must be an int in [1, {self.rank}] (the current rank), got {new_rank!r}")
+        full = self.canonical_factors()
+        return Factors(
+            U=full.U[:, :new_rank],
+            s=full.s[:new_rank],
+            V=full.V[:, :new_rank],
+            error=eckart_young_error(full.s, new_rank),
+            norm=full.norm,
+            method="exact",
+        )
+
+    def truncate_(self, new_rank: int) -> FactoredModule:
+        """Shrink in place to the best rank-`new_rank` approximation of the current product.
+
+        The factors become new Parameter objects: rebuild any optimizer that held the old ones.
+        """
+        return self.load_factors_(self.truncated_factors(new_rank))
+
+    @torch.no_grad()
+    def load_factors_(self, factors: Factors) -> FactoredModule:
+        """Replace U, (s,) V by `factors` (orthonormal U, V; s descending), in this layer's layout.
+
+        Metric maps, if the layer has them, start again from the identity at the new rank.
+        """
+        out_dim, fan_in = self.U.shape[0], self.V.shape[0]
+        if factors.U.shape[0] != out_dim or factors.V.shape[0] != fan_in:
+            raise ValueError(
+                f"factors of shape U{tuple(factors.U.shape)}, V{tuple(factors.V.shape)} do not fit "
+                f"a layer with out={out_dim}, fan_in={fan_in}"
+            )
+        requires_grad, like = self.U.requires_grad, self.U
+        if self.parametrization == "balanced":
+            root = factors.s.clamp_min(0).sqrt()
+            tensors = {"U": factors.U * root, "V": factors.V * root}
+        else:
+            tensors = {"U": factors.U, "s": factors.s, "V": factors.V}
+        if self.I_dist is not None:
+            eye = torch.eye(factors.rank, device=factors.U.device, dtype=factors.U.dtype)
+            tensors.update(I_dist=eye, O_dist=eye.clone())
+        for key, value in tensors.items():
+            value = value.to(device=like.device, dtype=like.dtype).contiguous()
+            setattr(self, key, nn.Parameter(value, requires_grad=requires_grad))
+        return self
+
+    def _common_repr(self) -> str:
+        maps = ", metric_maps=True" if self.has_metric_maps else ""
+        return f"rank={self.rank}, bias={self.bias is not None}, parametrization={self.parametrization}{maps}"
+
+
+def check_layer_type(obj: object, expected: type, arg: str) -> None:
+    """`obj` must be exactly an `expected` (a subclass may read `.weight` in its own forward)."""
+    if type(obj) is not expected:
+        raise TypeError(f"`{arg}` must be a {expected.__module__}.{expected.__name__}, got {type(obj).__name__}")
+
+
+def copy_requires_grad(src: nn.Module, dst: nn.Module) -> None:
+    """The weight's flag goes to the weight or to all factors; the bias keeps its own."""
+    weight_grad = (src.weight if hasattr(src, "weight") else src.U).requires_grad
+    for name, param in dst.named_parameters(recurse=False):
+        param.requires_grad_(src.bias.requires_grad if name == "bias" else weight_grad)

@@ -1,0 +1,76 @@
+"""FactoredLinear: an nn.Linear held as thin factors, y = x·V·diag(s)·Uᵀ + b."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmd_lightning.layers.base import FactoredModule, Parametrization, check_layer_type, check_rank, copy_requires_grad
+from lmd_lightning.layers.svd import Factors, truncated_svd
+
+__all__ = ["FactoredLinear"]
+
+
+class FactoredLinear(FactoredModule):
+    """y = x·V·diag(s)·Uᵀ + b as two thin matmuls: (B, in) → (B, r) → (B, out)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        parametrization: Parametrization = "balanced",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        metric_maps: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self._init_parameters(out_features, in_features, rank, bias, parametrization, device, dtype, metric_maps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = F.linear(x, self.V.mT)  # (..., r)
+        return F.linear(z, self.scaled_U(), self.bias)  # (..., out)
+
+    @classmethod
+    def from_factors(
+        cls, factors: Factors, bias: Tensor | None = None, parametrization: Parametrization = "balanced"
+    ) -> FactoredLinear:
+        """A layer holding `factors` (and a copy of `bias`), on their device and in their dtype."""
+        (out_features, rank), in_features = factors.U.shape, factors.V.shape[0]
+        layer = cls(
+            in_features, out_features, rank, bias is not None, parametrization, factors.U.device, factors.U.dtype
+        )
+        layer.load_factors_(factors)
+        if bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(bias)
+        return layer
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, rank: int, parametrization: Parametrization = "balanced", method: str = "auto"
+    ) -> FactoredLinear:
+        """The best rank-`rank` factored copy of `linear` (Eckart–Young), same device, dtype, requires_grad."""
+        check_layer_type(linear, nn.Linear, "linear")
+        check_rank(rank, linear.out_features, linear.in_features)
+        factors = truncated_svd(linear.weight.detach(), rank, method=method)
+        layer = cls.from_factors(factors, linear.bias.detach() if linear.bias is not None else None, parametrization)
+        copy_requires_grad(linear, layer)
+        return layer
+
+    def to_linear(self) -> nn.Linear:
+        """A dense nn.Linear computing the same map (weight = U·diag(s)·Vᵀ)."""
+        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None, self.U.device, self.U.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        copy_requires_grad(self, dense)
+        return dense
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self._common_repr()}"

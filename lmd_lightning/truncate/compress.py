@@ -1,0 +1,310 @@
+"""compress_: the functional core. Works with no Lightning at all (`restore.py` rebuilds checkpoints).
+
+`compress_` runs in two phases so that a failure can never leave a half-swapped model:
+1. plan: read every targeted weight, compute spectra, choose ranks, compute all factors;
+   non-finite weights raise here, before anything has changed. With metric="data" the
+   calibration passes run here too, with forward hooks only (calibration.py);
+2. apply: swap the new modules in (and shrink already-factored ones).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parameter import UninitializedParameter
+
+from lmd_lightning.checks import check_bool, check_choice, check_module
+from lmd_lightning.layers.base import PARAMETRIZATIONS, FactoredModule, copy_requires_grad
+from lmd_lightning.layers.conv import FactoredConv2d, conv_matrix
+from lmd_lightning.layers.linear import FactoredLinear
+from lmd_lightning.layers.svd import METHODS, Factors, SVDFailedError, check_finite, singular_values, truncated_svd
+from lmd_lightning.truncate.calibration import Calibration, DataMetric, layer_weight
+from lmd_lightning.truncate.data_metric import LayerMoments, data_factors, data_spectrum
+from lmd_lightning.truncate.policies import LayerSpectrum, RankPolicy
+from lmd_lightning.truncate.report import CompressionReport, LayerReport
+from lmd_lightning.truncate.targets import (
+    FilterFn,
+    Patterns,
+    Target,
+    disable_fused_fast_paths,
+    find_targets,
+    swap_module,
+)
+
+__all__ = ["compress_"]
+
+log = logging.getLogger("lmd_lightning")
+
+
+@dataclass
+class _Plan:
+    """Phase-1 result for one layer: its report and, if it changes, the factors to apply."""
+
+    target: Target
+    report: LayerReport
+    matrix: Tensor | None = None  # (out, fan_in), dense layers only
+    spectrum: LayerSpectrum | None = None
+    factors: Factors | None = None
+
+
+def _param_count(module: nn.Module, recurse: bool = False) -> int:
+    """Parameters that exist: lazy modules' uninitialised ones count as none."""
+    return sum(p.numel() for p in module.parameters(recurse=recurse) if not isinstance(p, UninitializedParameter))
+
+
+def _start_plan(target: Target) -> _Plan:
+    module = target.module
+    if isinstance(getattr(module, "weight", None), UninitializedParameter):  # lazy: no shape yet
+        report = LayerReport(
+            target.name, type(module).__name__, (), 0, None, None, 0, 0, 0, 0, reason=target.skip_reason
+        )
+        return _Plan(target, report)
+    if isinstance(module, FactoredModule):
+        out_dim, fan_in, rank = module.U.shape[0], module.V.shape[0], module.rank
+        shape = (
+            (out_dim, module.in_features)
+            if isinstance(module, FactoredLinear)
+            else (out_dim, module.in_channels, *module.kernel_size)
+        )
+        matrix, macs = None, rank * (out_dim + fan_in)
+    else:
+        shape, rank = tuple(module.weight.shape), None
+        matrix = conv_matrix(module.weight.detach())  # (out, fan_in); a no-op reshape for Linear
+        out_dim, fan_in = matrix.shape
+        macs = out_dim * fan_in
+    params = _param_count(module)
+    report = LayerReport(
+        name=target.name,
+        kind=type(module).__name__,
+        shape=shape,
+        full_rank=min(out_dim, fan_in),
+        rank_before=rank,
+        rank=rank,
+        params_before=params,
+        params_after=params,
+        macs_before=macs,
+        macs_after=macs,
+        reason=target.skip_reason,
+    )
+    return _Plan(target, report, matrix)
+
+
+def _spectrum(plan: _Plan, needs_spectrum: bool, moments: LayerMoments | None) -> LayerSpectrum | None:
+    """The policy's view of one layer; None (layer left dense) when its SVD fails.
+
+    With `moments` (metric="data") the spectrum is that of W·R, the layer in its inputs' metric.
+    """
+    module, report = plan.target.module, plan.report
+    s = None
+    if needs_spectrum:
+        try:
+            if moments is not None:
+                s = data_spectrum(layer_weight(module), moments, report.name)
+                s = s[: module.rank] if plan.matrix is None else s  # a factored layer's product has its rank
+            else:
+                s = module.singular_values() if plan.matrix is None else singular_values(plan.matrix, report.name)
+            s = s.cpu()  # policies run many small reductions: cheaper on the host
+        except SVDFailedError as err:
+            _leave_dense(report, f"SVD failed: {err}")
+            return None
+    out_dim, fan_in = (module.U.shape[0], module.V.shape[0]) if plan.matrix is None else plan.matrix.shape
+    max_rank = module.rank if plan.matrix is None else min(out_dim, fan_in)
+    bias = 0 if module.bias is None else module.bias.numel()
+    return LayerSpectrum(report.name, (out_dim, fan_in), s, max_rank, out_dim + fan_in, report.macs_before, bias)
+
+
+def _leave_dense(report: LayerReport, reason: str) -> None:
+    report.reason = reason
+    warnings.warn(f"lmd_lightning: layer `{report.name}` left unchanged: {reason}", stacklevel=2)
+
+
+def _changes(plan: _Plan, rank: int) -> bool:
+    """Whether truncating to `rank` changes the layer; if not, the report says why."""
+    report, module = plan.report, plan.target.module
+    out_dim, fan_in = plan.spectrum.shape
+    if plan.matrix is None and rank >= module.rank:
+        report.reason = f"already factored at rank {module.rank} <= chosen {rank}"
+        return False
+    if plan.matrix is not None and rank * (out_dim + fan_in) >= out_dim * fan_in:
+        report.reason = (
+            f"rank {rank} does not save: break-even is r < m·n/(m+n) = {out_dim * fan_in / (out_dim + fan_in):.1f}"
+        )
+        return False
+    return True
+
+
+def _plan_factors(plan: _Plan, rank: int, method: str, moments: LayerMoments | None = None) -> None:
+    """Compute one layer's factors at its chosen rank (nothing applied yet); `moments`: metric="data"."""
+    report, spectrum, module = plan.report, plan.spectrum, plan.target.module
+    out_dim, fan_in = spectrum.shape
+    try:
+        if moments is not None:
+            factors = data_factors(layer_weight(module), moments, rank, method, report.name)
+        elif plan.matrix is None:
+            factors = module.truncated_factors(rank)
+        else:
+            factors = truncated_svd(plan.matrix, rank, method=method, spectrum=spectrum.s, name=report.name)
+    except (SVDFailedError, torch.linalg.LinAlgError) as err:
+        _leave_dense(report, f"SVD failed: {err}")
+        return
+    plan.factors = factors
+    report.rank, report.method = factors.rank, factors.method
+    report.relative_error, report.energy = factors.relative_error, factors.energy
+    report.macs_after = factors.rank * (out_dim + fan_in)
+
+
+def _apply(model: nn.Module, plan: _Plan, parametrization: str) -> None:
+    module, factors = plan.target.module, plan.factors
+    if isinstance(module, FactoredModule):
+        module.load_factors_(factors)  # resets any metric maps to the identity
+        plan.report.params_after = _param_count(module)
+        return
+    bias = None if module.bias is None else module.bias.detach()
+    if isinstance(module, nn.Conv2d):
+        new = FactoredConv2d.from_factors(factors, module, bias, parametrization)
+    else:
+        new = FactoredLinear.from_factors(factors, bias, parametrization)
+    copy_requires_grad(module, new)
+    swap_module(model, module, new)
+    plan.report.params_after = _param_count(new)
+
+
+def _validate(
+    model: nn.Module, policy: RankPolicy, parametrization: str, method: str, metric, calibration
+) -> DataMetric | None:
+    check_module(model)
+    if not isinstance(policy, RankPolicy):
+        raise TypeError(
+            f"`policy` must be a RankPolicy (FixedRank, RankRatio, EnergyRank, ErrorBound, EffectiveRank, "
+            f"GlobalBudget), got {policy!r}"
+        )
+    check_choice(parametrization, "parametrization", PARAMETRIZATIONS)
+    check_choice(method, "method", METHODS)
+    settings = DataMetric.of(metric)
+    if settings is not None and calibration is None:
+        raise ValueError(
+            "`metric='data'` needs `calibration`: an iterable of batches (e.g. a DataLoader) to measure each "
+            "layer's inputs on"
+        )
+    if settings is None and calibration is not None:
+        raise ValueError(f"`calibration` is only used with metric='data', got metric={metric!r}")
+    return settings
+
+
+class _DataPlans:
+    """metric="data": the calibration run, each layer's moments and the forward order."""
+
+    def __init__(self, model: nn.Module, plans: list[_Plan], calibration, settings: DataMetric) -> None:
+        self.model, self.settings = model, settings
+        self.run = calibration if isinstance(calibration, Calibration) else Calibration(calibration, settings)
+        modules = [plan.target.module for plan in plans]
+        moments, rows, order = self.run.input_moments(model, modules)
+        self.order = {module: index for index, module in enumerate(order)}
+        self.independent: dict[nn.Module, LayerMoments] = {}
+        for plan in plans:
+            module, name = plan.target.module, plan.report.name
+            if module not in moments:
+                plan.report.reason = "received no input in the calibration passes"
+                continue
+            if not bool(torch.isfinite(moments[module]).all()):
+                raise ValueError(
+                    f"layer `{name}` received non-finite calibration inputs (NaN or inf); refusing to truncate"
+                )
+            try:
+                self.independent[module] = LayerMoments.independent(moments[module], rows[module], settings.damping)
+            except (torch.linalg.LinAlgError, ValueError) as err:
+                _leave_dense(plan.report, f"calibration metric failed: {err}")
+
+    def plan_all(self, plans: list[_Plan], ranks: list[int], method: str) -> None:
+        if not self.settings.sequential:
+            for plan, rank in zip(plans, ranks):
+                if _changes(plan, rank):
+                    _plan_factors(plan, rank, method, self.independent[plan.target.module])
+            return
+        replaced: dict[nn.Module, Tensor] = {}  # layers already fitted → their Ŵ, used in later passes
+        for plan, rank in sorted(zip(plans, ranks), key=lambda pair: self.order[pair[0].target.module]):
+            if not _changes(plan, rank):
+                continue
+            module = plan.target.module
+            dense, cross, trunc, rows = self.run.paired_moments(self.model, module, replaced)
+            try:
+                moments = LayerMoments.paired(dense, cross, trunc, rows, self.settings.damping)
+            except (torch.linalg.LinAlgError, ValueError) as err:  # e.g. all-zero inputs with damping 0
+                _leave_dense(plan.report, f"calibration metric failed: {err}")
+                continue
+            _plan_factors(plan, rank, method, moments)
+            if plan.factors is not None:
+                f = plan.factors
+                replaced[module] = (f.U * f.s) @ f.V.mT
+
+
+@torch.no_grad()
+def compress_(
+    model: nn.Module,
+    policy: RankPolicy,
+    *,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    filter_fn: FilterFn | None = None,
+    parametrization: str = "balanced",
+    method: str = "auto",
+    metric: str | DataMetric = "weight",
+    calibration: Iterable[Any] | None = None,
+    metric_maps: bool = False,
+) -> CompressionReport:
+    """Truncate the model's Linear and Conv2d layers by SVD in place, with ranks from `policy`.
+
+    `include`/`exclude` are globs over fully-qualified module names (`"encoder.*"`);
+    `filter_fn(name, module)` can veto a layer. Already-factored layers are shrunk, never grown.
+    `metric="weight"` keeps the best rank-r weight (Eckart–Young); `metric="data"` (or a
+    `DataMetric` with its settings) the best rank-r layer for the inputs it receives on the
+    `calibration` batches (on the model's device), fitted layer by layer (LMD.md section 5).
+    `metric_maps=True` gives every targeted factored layer (new or not) learnable r×r I_dist and O_dist
+    at the identity (LMD Eq. 4); `fold_` merges them back. Shrinking a layer resets its maps.
+    Returns a CompressionReport; every layer left dense carries its reason.
+    """
+    settings = _validate(model, policy, parametrization, method, metric, calibration)
+    check_bool(metric_maps, "metric_maps")
+    params_before = _param_count(model, recurse=True)
+    plans = [_start_plan(target) for target in find_targets(model, include, exclude, filter_fn)]
+    active = [plan for plan in plans if plan.report.reason is None]
+    for plan in active:
+        tensors = plan.target.module.parameters(recurse=False) if plan.matrix is None else [plan.matrix]
+        for tensor in tensors:
+            check_finite(tensor.detach(), plan.report.name)
+    data = _DataPlans(model, active, calibration, settings) if settings is not None else None
+    active = [plan for plan in active if plan.report.reason is None]
+    for plan in active:
+        moments = None if data is None else data.independent[plan.target.module]
+        plan.spectrum = _spectrum(plan, policy.needs_spectrum, moments)
+    active = [plan for plan in active if plan.spectrum is not None]
+    ranks = policy.choose([plan.spectrum for plan in active])
+    if data is not None:
+        data.plan_all(active, ranks, method)
+    else:
+        for plan, rank in zip(active, ranks):
+            if _changes(plan, rank):
+                _plan_factors(plan, rank, method)
+    for plan in active:
+        if plan.factors is not None:
+            _apply(model, plan, parametrization)
+    if metric_maps:  # every targeted factored layer carries maps, also one left at its rank
+        for plan in plans:
+            current = model.get_submodule(plan.target.name)
+            if isinstance(current, FactoredModule):
+                current.add_metric_maps_()
+                plan.report.params_after = _param_count(current)
+    notes = [f"fused fast path disabled in `{name}`" for name in disable_fused_fast_paths(model)]
+    spectra = {plan.report.name: plan.spectrum.s for plan in active if plan.spectrum.s is not None}
+    report = CompressionReport(
+        [plan.report for plan in plans], params_before, _param_count(model, recurse=True), repr(policy), notes, spectra
+    )
+    for layer in report.dense:
+        log.info("lmd_lightning: `%s` unchanged: %s", layer.name, layer.reason)
+    return report

@@ -1,0 +1,156 @@
+"""Which layers `compress_` may touch, and the module swap itself.
+
+A candidate is an nn.Linear or nn.Conv2d (exact type) or an already-factored layer.
+Some are found but must stay dense, each with a reason:
+- children of nn.MultiheadAttention, which reads `out_proj.weight` directly;
+- subclasses of nn.Linear / nn.Conv2d, which may rely on `.weight`, unless included by exact name;
+- grouped or depthwise convs, and layers whose parameters are not materialised yet.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+from torch.nn.parameter import UninitializedParameter
+
+from lmd_lightning.checks import check_callable
+from lmd_lightning.layers.base import FactoredModule
+
+__all__ = ["Target", "disable_fused_fast_paths", "find_targets", "module_names", "swap_module", "undo", "undo_record"]
+
+Patterns = str | Sequence[str] | None
+FilterFn = Callable[[str, nn.Module], bool]
+
+
+@dataclass
+class Target:
+    name: str
+    module: nn.Module
+    skip_reason: str | None = None
+
+
+def as_patterns(patterns: Patterns, arg: str) -> list[str] | None:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        return [patterns]
+    if isinstance(patterns, Sequence) and all(isinstance(p, str) for p in patterns) and patterns:
+        return list(patterns)
+    raise TypeError(f"`{arg}` must be a glob string or a non-empty list of them, got {patterns!r}")
+
+
+def _is_candidate(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv2d, FactoredModule))
+
+
+def _skip_reason(name: str, module: nn.Module, parent: nn.Module | None, include: list[str] | None) -> str | None:
+    if isinstance(parent, nn.MultiheadAttention):
+        return "nn.MultiheadAttention reads this layer's .weight directly"
+    if any(isinstance(p, UninitializedParameter) for p in module.parameters(recurse=False)):
+        return "parameters not initialised yet (lazy module)"
+    if isinstance(module, FactoredModule):
+        return None
+    if type(module) not in (nn.Linear, nn.Conv2d) and name not in (include or []):
+        return f"subclass {type(module).__name__} may read .weight; include it by its exact name to compress it"
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return f"grouped conv (groups={module.groups}) stays dense"
+    return None
+
+
+def _check_matches(patterns: list[str] | None, names: list[str], arg: str) -> None:
+    for pattern in patterns or []:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ValueError(f"`{arg}` pattern {pattern!r} matches no Linear/Conv2d layer; candidates are: {names}")
+
+
+def find_targets(model: nn.Module, include: Patterns, exclude: Patterns, filter_fn: FilterFn | None) -> list[Target]:
+    """Candidate layers that pass `include`, `exclude` and `filter_fn`, each with its skip reason."""
+    include_list, exclude_list = as_patterns(include, "include"), as_patterns(exclude, "exclude")
+    if filter_fn is not None:
+        check_callable(filter_fn, "filter_fn", "filter_fn(name, module) -> bool")
+    if _is_candidate(model):
+        raise TypeError(
+            f"`model` is itself a {type(model).__name__}; wrap it in a container or use from_linear/from_conv2d"
+        )
+    parents = {id(child): module for module in model.modules() for child in module.children()}
+    found = [(name, module) for name, module in model.named_modules() if _is_candidate(module)]
+    names = [name for name, _ in found]
+    _check_matches(include_list, names, "include")
+    _check_matches(exclude_list, names, "exclude")
+    targets = []
+    for name, module in found:
+        if include_list is not None and not any(fnmatch.fnmatchcase(name, p) for p in include_list):
+            continue
+        if exclude_list is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude_list):
+            continue
+        if filter_fn is not None and not filter_fn(name, module):
+            continue
+        targets.append(Target(name, module, _skip_reason(name, module, parents.get(id(module)), include_list)))
+    return targets
+
+
+def module_names(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every name under which `module` is registered (a shared module has several)."""
+    return [name for name, m in model.named_modules(remove_duplicate=False) if m is module]
+
+
+def swap_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Replace every registration of `old` by `new` through setattr on its parents."""
+    new.train(old.training)
+    for name in module_names(model, old):
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, new)
+
+
+def disable_fused_fast_paths(model: nn.Module) -> list[str]:
+    """Turn off the fused inference kernels that read `linear1.weight`/`linear2.weight`.
+
+    nn.TransformerEncoderLayer (and nn.TransformerEncoder's nested-tensor path) pass the
+    dense weights of their feed-forward layers to one fused kernel in eval mode. Once those
+    layers are factored there is no dense weight, so the layer must take its regular path.
+    """
+    changed = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            factored = isinstance(module.linear1, FactoredModule) or isinstance(module.linear2, FactoredModule)
+            if factored and module.activation_relu_or_gelu:
+                module.activation_relu_or_gelu = 0  # the flag the fast-path check reads
+                changed.append(name)
+        if isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False):
+            if any(isinstance(m, FactoredModule) for m in module.modules()):
+                module.use_nested_tensor = False
+                changed.append(name)
+    return changed
+
+
+_FAST_PATH_FLAGS = {nn.TransformerEncoderLayer: "activation_relu_or_gelu", nn.TransformerEncoder: "use_nested_tensor"}
+
+
+def undo_record(model: nn.Module) -> dict:
+    """What `compress_` can change: modules, factored layers' parameters, fused fast-path flags."""
+    modules = dict(model.named_modules())
+    factors = {name: dict(m._parameters) for name, m in modules.items() if isinstance(m, FactoredModule)}
+    flags = {
+        name: (flag, getattr(m, flag))
+        for name, m in modules.items()
+        for kind, flag in _FAST_PATH_FLAGS.items()
+        if isinstance(m, kind) and hasattr(m, flag)
+    }
+    return {"modules": modules, "factors": factors, "flags": flags}
+
+
+def undo(model: nn.Module, record: dict) -> None:
+    """Put back what `undo_record` saw: swapped modules first, then shrunk factors."""
+    current = dict(model.named_modules())
+    for name, module in record["modules"].items():
+        if name and name in current and current[name] is not module:
+            swap_module(model, current[name], module)
+    for name, params in record["factors"].items():
+        registered = record["modules"][name]._parameters
+        registered.clear()  # also drops what was added since (metric maps)
+        registered.update(params)
+    for name, (flag, value) in record["flags"].items():
+        setattr(record["modules"][name], flag, value)
