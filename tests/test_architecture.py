@@ -39,6 +39,8 @@ def _imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            names.add(f"<relative import at line {node.lineno}>")
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
@@ -60,10 +62,21 @@ def test_each_folder_imports_only_the_layers_below_it(folder: str) -> None:
     wrong = []
     for path in sorted((PACKAGE / folder).glob("*.py")):
         for module in _imports(path):
-            target = _folder_of(module)
+            target = "<relative>" if module.startswith("<relative") else _folder_of(module)
             if target not in (None, folder) and target not in ALLOWED[folder]:
                 wrong.append(f"{path.relative_to(PACKAGE)} imports {module}")
     assert not wrong, wrong
+
+
+def test_the_top_level_modules_sit_where_they_should() -> None:
+    """`checks.py` is below every folder: it imports nothing of the package and no framework."""
+    assert not [
+        m for m in _imports(PACKAGE / "checks.py") if m.startswith("lmd_lightning") or m.split(".")[0] in FRAMEWORKS
+    ]
+    assert {m for m in _imports(PACKAGE / "lightning.py") if m.startswith("lmd_lightning")} == {
+        "lmd_lightning.callback.lmd_compression",
+        "lmd_lightning.callback.lmd_compression.LMDCompressionBase",
+    }
 
 
 @pytest.mark.parametrize("folder", TORCH_ONLY)
@@ -116,7 +129,6 @@ def test_the_blocker_really_blocks() -> None:
 def test_every_public_name_imports_from_the_package() -> None:
     for name in lmd_lightning.__all__:
         assert getattr(lmd_lightning, name) is not None, name
-    assert set(lmd_lightning.__all__) <= set(dir(lmd_lightning))
     from lmd_lightning.lightning import LMDCompression as Unified
 
     assert Unified.__mro__[1] is lmd_lightning.callback.LMDCompressionBase
@@ -158,7 +170,47 @@ def test_the_old_guard_keywords_still_work_with_a_deprecation_warning(old: str, 
         callback = LMDCompression(EnergyRank(0.9), monitor="val_acc", **{old: value})
     assert getattr(callback.guard, field) == value and callback.guard == Guard(**{field: value})
     with pytest.raises(ValueError, match=r"pass either `guard` or the deprecated keywords \['guard_batches'\]"):
-        LMDCompression(EnergyRank(0.9), monitor="val_acc", guard=Guard(), guard_batches=2)
+        LMDCompression(EnergyRank(0.9), monitor="val_acc", guard=Guard(batches=4), guard_batches=2)
+
+
+def test_two_old_keywords_warn_once_naming_each_replacement() -> None:
+    with pytest.warns(DeprecationWarning) as caught:
+        callback = LMDCompression(EnergyRank(0.9), monitor="val_acc", max_accuracy_drop=0.02, guard_batches=3)
+    assert [str(w.message) for w in caught] == [
+        "LMDCompression(max_accuracy_drop=..., guard_batches=...) is deprecated; "
+        "pass guard=Guard(max_drop=..., batches=...)"
+    ]
+    assert callback.guard == Guard(max_drop=0.02, batches=3)
+    with pytest.warns(DeprecationWarning):  # a default Guard, as the Hydra config builds, takes them too
+        assert LMDCompression(EnergyRank(0.9), guard=Guard(), sweep_points=2).guard == Guard(sweep_points=2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"max_accuracy_drop": 0.01}, ValueError, r"`max_accuracy_drop`=0.01 needs `monitor`"),
+        (
+            {"monitor": "val_acc", "max_accuracy_drop": -0.1},
+            ValueError,
+            r"`max_accuracy_drop` must be a number >= 0, got -0.1",
+        ),
+        ({"guard_batches": 0}, ValueError, r"`guard_batches` must be an int >= 1, got 0"),
+        ({"sweep_points": -1}, ValueError, r"`sweep_points` must be an int >= 0, got -1"),
+        ({"search_steps": True}, ValueError, r"`search_steps` must be an int >= 0, got True"),
+    ],
+)
+def test_the_old_keywords_fail_with_the_old_messages(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        LMDCompression(EnergyRank(0.9), **kwargs)
+
+
+def test_monitor_is_the_monitored_name_and_metric_is_deprecated() -> None:
+    callback = LMDCompression(EnergyRank(0.9), monitor="val_loss", mode="min", metric="data")
+    assert callback.monitor == "val_loss" and callback.mode == "min" and callback.data_metric is not None
+    with pytest.warns(DeprecationWarning, match="LMDCompression.metric is deprecated; use LMDCompression.monitor"):
+        assert callback.metric == "val_loss"
+    with pytest.raises(TypeError, match="`monitor` must be the name of a logged validation metric, got ''"):
+        LMDCompression(EnergyRank(0.9), monitor="")
 
 
 def test_no_deprecation_warning_without_the_old_keywords() -> None:

@@ -49,9 +49,8 @@ class Guard:
     validation loader unshuffled.
     """
 
-    max_drop: float | None = (
-        None  # None: measure and sweep only; a number: bisect the knob so the one-shot drop stays within it
-    )
+    # None: measure and sweep only; a number: bisect the knob so that the one-shot drop stays within it
+    max_drop: float | None = None
     batches: int = 10  # validation batches per loader for each measurement
     search_steps: int = 5  # bisection steps of the guard's search
     sweep_points: int = 8  # settings of the policy's knob in the rank–accuracy sweep; 0 or 1: no sweep
@@ -73,33 +72,36 @@ GUARD_KEYWORDS = {
 }
 
 
-def guard_from_keywords(guard: Guard | None, old: dict[str, Any]) -> Guard:
-    """`guard`, or one built from the 0.1 keywords (with a deprecation warning); never both."""
-    unknown = sorted(set(old) - set(GUARD_KEYWORDS))
-    if unknown:
-        raise TypeError(f"LMDCompression got unexpected keyword arguments {unknown}")
+def guard_from_keywords(guard: Guard | None, old: dict[str, Any], monitor: str | None) -> Guard:
+    """`guard`, with the 0.1 keywords folded in (with a deprecation warning, validated as 0.1 did)."""
     if guard is not None and not isinstance(guard, Guard):
         raise TypeError(f"`guard` must be a Guard or None, got {guard!r}")
     if not old:
         return guard or Guard()
-    if guard is not None:
+    if guard not in (None, Guard()):  # a default Guard (Hydra's config builds one) takes the old keywords
         raise ValueError(f"pass either `guard` or the deprecated keywords {sorted(old)}, not both")
-    fields = {GUARD_KEYWORDS[name]: value for name, value in old.items()}
+    drop = old.get("max_accuracy_drop")
+    if drop is not None and monitor is None:
+        raise ValueError(f"`max_accuracy_drop`={drop!r} needs `monitor`, the metric it guards")
+    if drop is not None:
+        check_number(drop, "max_accuracy_drop", 0)
+    for name, low in (("guard_batches", 1), ("search_steps", 0), ("sweep_points", 0)):
+        if name in old:
+            check_int(old[name], name, low)
     warnings.warn(
-        f"LMDCompression({', '.join(sorted(old))}=...) is deprecated; pass guard=Guard("
-        + ", ".join(f"{field}=..." for field in fields)
-        + ")",
+        f"LMDCompression({', '.join(f'{name}=...' for name in old)}) is deprecated; pass "
+        f"guard=Guard({', '.join(f'{GUARD_KEYWORDS[name]}=...' for name in old)})",
         DeprecationWarning,
         stacklevel=3,
     )
-    return Guard(**fields)
+    return dataclasses.replace(guard or Guard(), **{GUARD_KEYWORDS[name]: value for name, value in old.items()})
 
 
 def check_monitor(monitor: str | None, mode: str, guard: Guard) -> None:
     """Validate the callback's `monitor` and `mode` together with its `guard`."""
     if guard.max_drop is not None and monitor is None:
         raise ValueError(f"Guard `max_drop`={guard.max_drop!r} needs `monitor`, the metric it guards")
-    if monitor is not None and not isinstance(monitor, str):
+    if monitor is not None and (not isinstance(monitor, str) or not monitor):
         raise TypeError(f"`monitor` must be the name of a logged validation metric, got {monitor!r}")
     if mode not in MODES:
         raise ValueError(f"`mode` must be 'max' or 'min', got {mode!r}")

@@ -7,7 +7,8 @@ touch of Lightning internals (optimizer rebuild, DDP re-wrap, evaluation) in `su
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
@@ -15,7 +16,7 @@ from typing_extensions import override
 
 from lmd_lightning.callback import surgery
 from lmd_lightning.callback.checkpoint import StrictLoadingHold
-from lmd_lightning.callback.guard import Guard, GuardRecord, GuardRun, SweepPoint, guard_from_keywords
+from lmd_lightning.callback.guard import GUARD_KEYWORDS, Guard, GuardRecord, GuardRun, SweepPoint, guard_from_keywords
 from lmd_lightning.callback.lmd_options import LMDOptions
 from lmd_lightning.callback.schedule import Schedule, check_rounds, default_last_epoch
 from lmd_lightning.callback.trigger import TriggerWatch
@@ -31,8 +32,12 @@ from lmd_lightning.truncate.targets import FilterFn, Patterns, find_targets, und
 
 __all__ = ["LMDCompression", "LMDCompressionBase"]
 
+# Type checkers see the hooks' real base, so that `@override` is checked against Callback; at run time
+# the base is mixed into `pytorch_lightning`'s or `lightning.pytorch`'s Callback by the subclass.
+_Hooks = Callback if TYPE_CHECKING else object
 
-class LMDCompressionBase:
+
+class LMDCompressionBase(_Hooks):
     """Truncate dense layers by SVD once training has converged, then fine-tune the factored model.
 
     Args:
@@ -90,30 +95,26 @@ class LMDCompressionBase:
         guard: Guard | None = None,
         **deprecated: Any,
     ) -> None:
-        guard = guard_from_keywords(guard, deprecated)
+        unknown = sorted(set(deprecated) - set(GUARD_KEYWORDS))
+        if unknown:
+            raise TypeError(f"LMDCompression got unexpected keyword arguments {unknown}")
         if not isinstance(policy, RankPolicy):
             raise TypeError(f"`policy` must be a RankPolicy (EnergyRank, FixedRank, GlobalBudget, …), got {policy!r}")
-        check_rounds(
-            policy, trigger == "stable_rank" or isinstance(trigger, StableRankMonitor), rounds, min_epochs, max_epochs
-        )
+        self._watch = TriggerWatch(trigger, every_n_steps, per_layer_norms)
+        check_rounds(policy, self._watch.kind == "stable_rank", rounds, min_epochs, max_epochs)
         check_choice(parametrization, "parametrization", PARAMETRIZATIONS)
         check_choice(method, "method", METHODS)
-        self._watch = TriggerWatch(trigger, every_n_steps, per_layer_norms)
-        self.trigger, self.convergence, self.stable_ranks = (
-            self._watch.kind,
-            self._watch.convergence,
-            self._watch.stable_ranks,
-        )
         self.lmd = LMDOptions(metric, metric_maps, regularizer, fold_maps)
-        self._guarding = GuardRun(monitor, mode, guard)
+        self._guarding = GuardRun(monitor, mode, guard_from_keywords(guard, deprecated, monitor))
+
+        self.trigger, self.convergence = self._watch.kind, self._watch.convergence
+        self.stable_ranks = self._watch.stable_ranks
         self.data_metric, self.metric_maps = self.lmd.data_metric, metric_maps
         self.regularizer, self.fold_maps = self.lmd.regularizer, fold_maps
-
-        self.policy, self.rounds, self.guard = policy, rounds, guard
+        self.policy, self.rounds = policy, rounds
         self.include, self.exclude, self.filter_fn = include, exclude, filter_fn
         self.min_epochs, self.max_epochs, self.every_n_steps = min_epochs, max_epochs, every_n_steps
         self.per_layer_norms, self.parametrization, self.method = per_layer_norms, parametrization, method
-        self.monitor, self.mode = monitor, mode
 
         self.compressed_epochs: list[int] = []  # the epoch of each round done
         self.reports: list[dict[str, Any]] = []  # CompressionReport.to_dict() of each compression
@@ -123,6 +124,27 @@ class LMDCompressionBase:
         self._strict = StrictLoadingHold()  # loose first load on resume, strict again after the rebuild
 
     # ---- what it did ----
+
+    @property
+    def monitor(self) -> str | None:
+        """The validation metric measured around each truncation."""
+        return self._guarding.monitor
+
+    @property
+    def mode(self) -> str:
+        return self._guarding.mode
+
+    @property
+    def guard(self) -> Guard:
+        return self._guarding.guard
+
+    @property
+    def metric(self) -> str | None:
+        """Deprecated: the monitored metric's name is `monitor` (`metric` is the truncation's "weight" or "data")."""
+        warnings.warn(
+            "LMDCompression.metric is deprecated; use LMDCompression.monitor", DeprecationWarning, stacklevel=2
+        )
+        return self.monitor
 
     @property
     def guard_record(self) -> GuardRecord | None:
@@ -228,7 +250,9 @@ class LMDCompressionBase:
         if record is not None and record.after is not None and self.monitor in trainer.callback_metrics:
             self._report_final(float(trainer.callback_metrics[self.monitor]))
         if trainer.loggers:
-            self._log_hparams(trainer, pl_module)
+            from lmd_lightning.callback import logs
+
+            logs.log_final(trainer, pl_module, self)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -292,7 +316,7 @@ class LMDCompressionBase:
                 self._info(f"LMDCompression: model kept dense. {self.failure}; trials: {trials}")
                 return
             report = self._apply(pl_module, policy)
-            if self.monitor:
+            if self.monitor is not None:
                 self._guarding.record.after = self._evaluate(trainer, pl_module)
             surgery.rebuild(trainer, before)
         except Exception as err:  # leave the dense model training as before, and say why
@@ -351,23 +375,6 @@ class LMDCompressionBase:
             logs.log_compression(
                 trainer.loggers, trainer.global_step, report, self.round, record, self.sweep, self.monitor
             )
-
-    def _log_hparams(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lmd_lightning.callback import logs
-
-        hparams = {
-            "lmd/policy": repr(self.policy),
-            "lmd/trigger": self.trigger,
-            "lmd/rounds": self.rounds,
-            "lmd/min_epochs": self.min_epochs,
-            "lmd/parametrization": self.parametrization,
-            **self.lmd.hparams(),
-            "lmd/compressed_epochs": str(self.compressed_epochs),
-        }
-        ratio = self.reports[-1]["totals"]["compression_ratio"] if self.reports else 1.0
-        value = trainer.callback_metrics.get(self.monitor) if self.monitor else None
-        params = sum(p.numel() for p in pl_module.parameters())
-        logs.log_final(trainer.loggers, hparams, params, ratio, self.monitor, value)
 
     def _report_final(self, value: float) -> None:
         record = self._guarding.record

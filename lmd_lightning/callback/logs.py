@@ -120,18 +120,28 @@ def _sweep(
     writer.add_figure("lmd/rank_accuracy_sweep", fig, step)
 
 
-def log_final(
-    loggers: list, hparams: dict[str, Any], params: int, ratio: float, monitor: str | None, value: Any
-) -> None:
-    """Hyper-parameters with the final metrics on TensorBoard loggers; `hp_metric` gets a real value.
+def log_final(trainer: Any, pl_module: Any, callback: Any) -> None:
+    """The callback's hyper-parameters with the final metrics on TensorBoard loggers; `hp_metric` gets a real value.
 
     `hp_metric` is the final monitored metric, or the compression ratio without a monitor,
     in place of the −1 that Lightning writes at the start.
     """
+    hparams = {
+        "lmd/policy": repr(callback.policy),
+        "lmd/trigger": callback.trigger,
+        "lmd/rounds": callback.rounds,
+        "lmd/min_epochs": callback.min_epochs,
+        "lmd/parametrization": callback.parametrization,
+        **callback.lmd.hparams(),
+        "lmd/compressed_epochs": str(callback.compressed_epochs),
+    }
+    ratio = callback.reports[-1]["totals"]["compression_ratio"] if callback.reports else 1.0
+    params = sum(p.numel() for p in pl_module.parameters())
     metrics = {"lmd/final_params": float(params), "lmd/compression_ratio": float(ratio)}
-    if value is not None:
-        metrics[f"lmd/final_{monitor}"] = float(value)
+    monitor = callback.monitor
+    if monitor is not None and trainer.callback_metrics.get(monitor) is not None:
+        metrics[f"lmd/final_{monitor}"] = float(trainer.callback_metrics[monitor])
     metrics["hp_metric"] = metrics.get(f"lmd/final_{monitor}", metrics["lmd/compression_ratio"])
-    for logger in loggers:
+    for logger in trainer.loggers:
         if isinstance(getattr(logger, "experiment", None), SummaryWriter):
             logger.log_hyperparams(hparams, metrics)

@@ -1,6 +1,6 @@
 """What the Hydra commands run: build the objects a config names, train or fine-tune, summarise.
 
-`cli.py` only finds the configs and hands the composed `DictConfig` to `train`, `finetune` or
+`commands.py` only finds the configs and hands the composed `DictConfig` to `train`, `finetune` or
 `export` here. Tests call these directly with a config from Hydra's compose API (overriding
 `paths.output_dir`, which otherwise names Hydra's run dir).
 """
