@@ -86,11 +86,23 @@ def test_mlp_report_values() -> None:
 
 
 def test_high_energy_keeps_outputs() -> None:
+    """fc1 (64×32, break-even rank 21.3) holds a rank-8 weight plus noise: rank 8 keeps the outputs, rank 1 does not."""
+    torch.manual_seed(0)
     model = TinyMLP()
+    with torch.no_grad():
+        model.fc1.weight.copy_(torch.randn(64, 8) @ torch.randn(8, 32) / 8 + 1e-3 * torch.randn(64, 32))
     x = torch.randn(16, 32)
-    expected = model(x)
-    compress_(model, FixedRank(31), include=["fc1"])
-    assert float((model(x) - expected).detach().norm() / expected.detach().norm()) < 0.2
+    expected = model(x).detach()
+
+    def output_error(rank: int) -> float:
+        copy = TinyMLP()
+        copy.load_state_dict(model.state_dict())
+        report = compress_(copy, FixedRank(rank), include=["fc1"])
+        assert isinstance(copy.fc1, FactoredLinear) and report.layers[0].rank == rank  # really truncated
+        return float((copy(x) - expected).detach().norm() / expected.norm())
+
+    assert 0 < output_error(8) < 0.01
+    assert output_error(1) > 0.2  # the measurement sees a bad truncation
 
 
 def test_cnn_convs_factored_grouped_conv_stays_dense() -> None:

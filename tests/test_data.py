@@ -30,7 +30,12 @@ def test_mnist1d_generated_offline_split_and_cached(tmp_path: Path) -> None:
 def test_mnist1d_shuffle_is_seeded(tmp_path: Path) -> None:
     first, second = MNIST1DDataModule(tmp_path), MNIST1DDataModule(tmp_path)
     first.setup(), second.setup()
-    torch.testing.assert_close(next(iter(first.train_dataloader()))[1], next(iter(second.train_dataloader()))[1])
+    loader = first.train_dataloader()
+    epoch_1, epoch_2 = next(iter(loader))[0], next(iter(loader))[0]
+    torch.testing.assert_close(epoch_1, next(iter(second.train_dataloader()))[0])  # same seed, same order
+    in_order = first.datasets["train"].tensors[0][: len(epoch_1)]
+    assert not torch.equal(epoch_1, in_order)  # shuffled, not the stored order
+    assert not torch.equal(epoch_1, epoch_2)  # and reshuffled every epoch
 
 
 def test_teacher_data_module() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lmd_lightning import FactoredLinear
 from lmd_lightning.layers.svd import eckart_young_error
@@ -93,10 +94,32 @@ def test_gradients_reach_every_factor(parametrization: str) -> None:
     assert names == ({"U", "V", "bias"} | ({"s"} if parametrization == "svd" else set()))
 
 
-def test_forward_uses_thin_matmuls_not_the_dense_weight(monkeypatch) -> None:
-    layer = FactoredLinear.from_linear(nn.Linear(8, 6), 3)
-    monkeypatch.setattr(type(layer), "dense_weight", lambda self: pytest.fail("forward rebuilt W"))
-    assert layer(torch.randn(2, 8)).shape == (2, 6)
+class ShapeLog(TorchFunctionMode):
+    """Records the shape of every tensor a torch function returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [
+            tuple(t.shape) for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor)
+        ]
+        return out
+
+
+@pytest.mark.parametrize("parametrization", ["balanced", "svd"])
+def test_forward_uses_thin_matmuls_not_the_dense_weight(parametrization: str) -> None:
+    """No tensor of the dense weight's shape (6, 8) is made: only (2, 3) and (2, 6) activations and r-wide factors."""
+    layer = FactoredLinear.from_linear(nn.Linear(8, 6), 3, parametrization=parametrization)
+    with ShapeLog() as log:
+        y = layer(torch.randn(2, 8))
+    assert y.shape == (2, 6) and (2, 3) in log.shapes and (2, 6) in log.shapes
+    assert (6, 8) not in log.shapes and (8, 6) not in log.shapes, log.shapes
+    with ShapeLog() as log:
+        layer.dense_weight()  # the log does see a dense product when one is made
+    assert (6, 8) in log.shapes
 
 
 def test_constructor_init_has_linear_scale() -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -79,11 +80,28 @@ def test_randomized_falls_back_to_exact_when_not_converged(monkeypatch) -> None:
     assert f.error == pytest.approx(eckart_young_error(torch.linalg.svdvals(W.double()), 32), rel=1e-4)
 
 
-def test_randomized_rejected_when_spectrum_shows_a_gap(monkeypatch) -> None:
+@pytest.mark.parametrize(("gap", "kept"), [(0.005, "randomized"), (0.02, "exact")])
+def test_randomized_result_over_1pc_above_the_optimum_falls_back_to_exact(monkeypatch, gap: float, kept: str) -> None:
+    """The real rule: with the exact spectrum known, a randomized error more than 1% above Eckart–Young is refused."""
     W = matrix_with_spectrum(torch.linspace(1.0, 0.5, 600, dtype=torch.float64), 600, 600, torch.float32)
     spectrum = torch.linalg.svdvals(W)
-    monkeypatch.setattr(svd, "OPTIMUM_TOL", -0.5)  # an impossible target: any result is "off"
-    assert truncated_svd(W, 32, spectrum=spectrum).method == "exact"
+    optimum = eckart_young_error(spectrum, 32)
+
+    def off_by_gap(work: torch.Tensor, rank: int) -> svd.Factors:
+        exact = svd._exact(work, rank)
+        return svd.Factors(exact.U, exact.s, exact.V, optimum * (1 + gap), exact.norm, "randomized")
+
+    monkeypatch.setattr(svd, "_randomized", off_by_gap)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        factors = truncated_svd(W, 32, method="randomized", spectrum=spectrum)
+    assert factors.method == kept
+    fell_back = [str(w.message) for w in caught if "using exact SVD" in str(w.message)]
+    assert fell_back == (
+        [] if kept == "randomized" else ["randomized SVD of `weight` is over 1% above the optimum; using exact SVD"]
+    )
+    if kept == "exact":
+        assert factors.error == pytest.approx(optimum, rel=1e-6)
 
 
 def test_non_finite_weight_names_the_layer() -> None:
