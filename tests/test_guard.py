@@ -168,6 +168,13 @@ class FrozenNorm(LitMLP):
 
 
 def test_monitor_with_two_validation_loaders_uses_lightnings_names() -> None:
+    """Loader 1 has the labels shifted, so its accuracy differs from loader 0's: the guard must read loader 1's."""
+
+    class Logged(pl.Callback):
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if not trainer.sanity_checking and trainer.current_epoch == 0:
+                self.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_acc")}
+
     pl.seed_everything(0, verbose=False)
     lmd = LMDCompression(
         EnergyRank(0.9),
@@ -178,8 +185,14 @@ def test_monitor_with_two_validation_loaders_uses_lightnings_names() -> None:
         guard=Guard(max_drop=1.0, batches=1),
     )
     train, val = loaders()
-    trainer(2, [lmd]).fit(TwoLoaders(max_epochs=2), train, [val, val])
-    assert lmd.compressed and 0.0 <= lmd.guard_record.before <= 1.0
+    x, y = val.dataset.tensors
+    shifted = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (y + 1) % 4), batch_size=256)
+    logged = Logged()
+    trainer(2, [lmd, logged]).fit(TwoLoaders(max_epochs=2), train, [val, shifted])
+    # The dense model at the start of epoch 1 is the one epoch 0 validated; one batch is the whole set.
+    first, second = logged.metrics["val_acc/dataloader_idx_0"], logged.metrics["val_acc/dataloader_idx_1"]
+    assert abs(first - second) > 0.01  # the two loaders disagree, so reading the wrong one (or their mean) fails
+    assert lmd.compressed and lmd.guard_record.before == pytest.approx(second, abs=1e-6)
 
 
 def test_guard_evaluation_gives_back_each_submodules_mode() -> None:

@@ -11,7 +11,7 @@ from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, Stoc
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
-from lmd_lightning import FactoredLinear, FixedRank, LMDCompression
+from lmd_lightning import ConvergenceMonitor, FactoredLinear, FixedRank, LMDCompression
 from lmd_lightning.monitors.convergence import grad_norm
 from tests.lightning_models import LitMLP, loaders, trainer
 
@@ -30,10 +30,23 @@ class NormProbe(pl.Callback):
         self.norms.append(float(grad_norm(p.grad for p in pl_module.parameters() if p.grad is not None)))
 
 
+class RecordingMonitor(ConvergenceMonitor):
+    """A ConvergenceMonitor that keeps every norm the callback hands it (and never fires)."""
+
+    def __init__(self) -> None:
+        super().__init__(min_steps=10**9)
+        self.seen: list[tuple[int, float]] = []
+
+    def update(self, grad_norm, step, layer_norms=None) -> bool:
+        self.seen.append((step, float(grad_norm)))
+        return super().update(grad_norm, step, layer_norms)
+
+
 def test_bf16_accumulation_clipping_early_stopping_lr_monitor(tmp_path: Path) -> None:
     pl.seed_everything(0, verbose=False)
     probe = NormProbe()
-    lmd = LMDCompression(FixedRank(8), trigger="epoch", min_epochs=1, exclude="net.4")
+    monitor = RecordingMonitor()
+    lmd = LMDCompression(FixedRank(8), trigger=monitor, every_n_steps=1, min_epochs=1, max_epochs=1, exclude="net.4")
     callbacks = [lmd, probe, EarlyStopping("val_acc", mode="max", patience=10), LearningRateMonitor("step")]
     t = trainer(
         3,
@@ -47,11 +60,15 @@ def test_bf16_accumulation_clipping_early_stopping_lr_monitor(tmp_path: Path) ->
     model = LitMLP(max_epochs=3)
     train, val = loaders()
     t.fit(model, train, val)
-    assert lmd.compressed and isinstance(model.net[0], FactoredLinear)
+    assert lmd.compressed and lmd.compressed_epochs == [1] and isinstance(model.net[0], FactoredLinear)
     # One measurement per optimizer step, not per batch: 13 batches / 2 = 7 steps per epoch.
     assert len(probe.norms) == t.global_step == 3 * 7
-    # Clipping happens after the hook: norms above the clip value are seen unclipped.
-    assert max(probe.norms) > 0.25
+    # The callback's own norms, until it compresses at epoch 1: one per optimizer step (steps 0…6),
+    # each the accumulated gradient's norm as the probe reads it right before the step, unclipped
+    # (clipping comes after the hook).
+    assert [step for step, _ in monitor.seen] == list(range(7))
+    assert [norm for _, norm in monitor.seen] == pytest.approx(probe.norms[:7], rel=1e-5)
+    assert max(norm for _, norm in monitor.seen) > 0.25
     first, last = sum(probe.losses[:6]) / 6, sum(probe.losses[-6:]) / 6
     assert last < first - 0.02  # it still learns after the swap
 
