@@ -11,6 +11,7 @@ import omegaconf
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -260,10 +261,19 @@ def test_fit_and_test_log_loss_and_accuracy(kind: str) -> None:
     t = trainer()
     t.fit(model, loader, loader)
     metrics = t.callback_metrics
-    assert 0.0 <= float(metrics["val_acc"]) <= 1.0 and math.isfinite(float(metrics["val_loss"]))
-    assert math.isfinite(float(metrics["train_loss"])) and 0.0 <= float(metrics["train_acc"]) <= 1.0
+    model.eval()
+    with torch.no_grad():  # recomputed by hand: validation read the first batch (limit_val_batches=1)
+        x, y = next(iter(loader))
+        logits = model(x)
+        all_x, all_y = loader.dataset.tensors
+        all_logits = model(all_x)
+    assert float(metrics["val_acc"]) == pytest.approx(float((logits.argmax(-1) == y).float().mean()), abs=1e-6)
+    assert float(metrics["val_loss"]) == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
+    assert math.isfinite(float(metrics["train_loss"])) and "train_acc" in metrics
     (results,) = t.test(model, loader, verbose=False)
-    assert set(results) == {"test_loss", "test_acc"} and 0.0 <= results["test_acc"] <= 1.0
+    assert set(results) == {"test_loss", "test_acc"}
+    assert results["test_acc"] == pytest.approx(float((all_logits.argmax(-1) == all_y).float().mean()), abs=1e-6)
+    assert results["test_loss"] == pytest.approx(float(F.cross_entropy(all_logits, all_y)), rel=1e-5)
 
 
 @MODELS
