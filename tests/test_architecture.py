@@ -174,14 +174,16 @@ def test_the_old_guard_keywords_still_work_with_a_deprecation_warning(old: str, 
 
 
 def test_two_old_keywords_warn_once_naming_each_replacement() -> None:
-    with pytest.warns(DeprecationWarning) as caught:
+    with pytest.warns(DeprecationWarning, match="is deprecated; pass guard=Guard") as caught:
         callback = LMDCompression(EnergyRank(0.9), monitor="val_acc", max_accuracy_drop=0.02, guard_batches=3)
     assert [str(w.message) for w in caught] == [
         "LMDCompression(max_accuracy_drop=..., guard_batches=...) is deprecated; "
         "pass guard=Guard(max_drop=..., batches=...)"
     ]
     assert callback.guard == Guard(max_drop=0.02, batches=3)
-    with pytest.warns(DeprecationWarning):  # a default Guard, as the Hydra config builds, takes them too
+    with pytest.warns(
+        DeprecationWarning, match=r"sweep_points=\.\.\."
+    ):  # a default Guard, as the Hydra config builds, takes them too
         assert LMDCompression(EnergyRank(0.9), guard=Guard(), sweep_points=2).guard == Guard(sweep_points=2)
 
 

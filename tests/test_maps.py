@@ -65,6 +65,7 @@ def test_forward_is_U_O_diag_s_I_Vt():
 def test_fold_keeps_the_output_and_restores_the_canonical_form(kind, parametrization):
     layer = trained_maps(make(kind, parametrization))
     assert not torch.allclose(layer.I_dist, torch.eye(layer.rank), atol=1e-3)  # the maps did move
+    assert not torch.allclose(layer.O_dist, torch.eye(layer.rank), atol=1e-3)  # both of them
     x = torch.randn(6, 20) if kind == "linear" else torch.randn(2, 3, 8, 8)
     before = layer(x).detach()
     layer.fold_()

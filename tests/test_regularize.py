@@ -254,8 +254,9 @@ def test_callback_passes_accumulation_and_no_loss_scale_to_the_penalty(monkeypat
     fit_with(Regularizer(kind="identity", every_n_steps=3), accumulate=2)
     assert seen and {entry[0] for entry in seen} == {0.5} and {entry[1] for entry in seen} == {None}
     assert seen[0][2] == ["net.0", "net.2"]
-    # 13 batches per epoch, accumulated by 2: 7 optimizer steps per epoch; every 3rd step, both micro-batches
-    assert len(seen) % 2 == 0
+    # 13 batches per epoch, accumulated by 2: 7 optimizer steps per epoch (the 7th of one batch). The maps
+    # exist from epoch 1 on (steps 7–20); every 3rd step is 9, 12, 15 and 18, each of two micro-batches.
+    assert len(seen) == 8
 
 
 def test_laplacian_gradients_go_through_one_reduce():

@@ -134,7 +134,10 @@ def test_svd_failing_twice_raises(monkeypatch) -> None:
         raise torch.linalg.LinAlgError("did not converge")
 
     monkeypatch.setattr(torch.linalg, "svd", broken)
-    with pytest.raises(SVDFailedError, match="float32 and float64"), pytest.warns(UserWarning):
+    with (
+        pytest.raises(SVDFailedError, match="float32 and float64"),
+        pytest.warns(UserWarning, match="retrying in float64"),
+    ):
         truncated_svd(torch.randn(8, 6), 3, method="exact", name="fc")
 
 

@@ -62,7 +62,7 @@ def test_errors_name_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureFixture
     with pytest.raises(FileNotFoundError, match="no results.json under"):
         collect(tmp_path)
     write_run(tmp_path / "0", [], 100, 0.7)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
         main([str(tmp_path), "--monitor", "test_f1"])
     assert "`--monitor` 'test_f1' is in no run; the runs have: ['compression_ratio', 'monitor_before', 'val_acc']" in (
         capsys.readouterr().err
