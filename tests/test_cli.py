@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_configs import compose_config
+from test_export import reload
 
 from lmd_lightning.cli.commands import recipe_dir
 from lmd_lightning.cli.experiment import CONFIG_KEY, ConfigError, export, finetune, load_model, train
@@ -292,11 +294,15 @@ def test_export_formats_stay_factored_and_match(format: str, trained_checkpoint:
     )
     result = export(cfg)
     assert result.verified and result.path == output and output.is_file() and result.factored_layers == 3
-    model, _, data_cfg = load_model(cfg)
+    model, model_cfg, _ = load_model(cfg)
     assert result.params == sum(p.numel() for p in model.parameters())
-    if format == "exported_program":  # an independent reload, on a batch size the export never saw
-        x = torch.randn(5, 40)
-        torch.testing.assert_close(torch.export.load(output).module()(x), model(x), atol=1e-5, rtol=1e-5)
+    # An independent reload of the file (not export's own check), on a batch size the export never saw.
+    x = torch.randn(5, 40)
+    fresh = lambda: instantiate(model_cfg, optimizer=None, scheduler=None, _convert_="all")  # noqa: E731
+    with torch.no_grad():
+        out, stored = reload(format, output, x, fresh)
+        torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+    assert stored == result.params
 
 
 def test_export_command_and_bad_format(trained_checkpoint: str, tmp_path: Path) -> None:
@@ -329,6 +335,13 @@ def test_export_verifies_on_the_example_input(trained_checkpoint: str, tmp_path:
     )
     result = export(cfg)
     assert result.verified and result.max_abs_diff == 0.0
+    model, model_cfg, _ = load_model(cfg)
+    x = torch.randn(3, 40)
+    fresh = lambda: instantiate(model_cfg, optimizer=None, scheduler=None, _convert_="all")  # noqa: E731
+    with torch.no_grad():
+        out, stored = reload("state_dict", tmp_path / "m.pt", x, fresh)
+        torch.testing.assert_close(out, model(x), atol=0.0, rtol=0.0)  # the same tensors: bit for bit
+    assert stored == result.params
 
 
 @pytest.mark.ddp
