@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import logging
 
 import pytest
@@ -246,3 +247,36 @@ def test_checkpoint_state_of_version_0_1_still_loads() -> None:
     lmd.load_state_dict(old)
     assert lmd.guard_record == GuardRecord(0.9, None, 0.7, 0.85, 0.91, [Trial(0.7, 0.85, 0.05, 99, True)])
     assert lmd.sweep == [SweepPoint(0.5, 0.6, 50)] and lmd.compressed_epochs == [2]
+
+
+def test_guard_evaluations_are_invisible_to_early_stopping_and_loggers(tmp_path) -> None:
+    """Several one-shot evaluations at other accuracies run inside LMDCompression's epoch-start hook;
+    probes right before and right after that hook see the same `callback_metrics` and EarlyStopping
+    state, and the logger gets no trial's value."""
+    from pytorch_lightning.callbacks import EarlyStopping
+    from pytorch_lightning.loggers import CSVLogger
+
+    class Probe(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            if trainer.current_epoch == 2:
+                self.seen = (dict(trainer.callback_metrics), float(stop.best_score), stop.wait_count)
+
+    pl.seed_everything(0, verbose=False)
+    lmd = LMDCompression(
+        EnergyRank(0.5),
+        trigger="epoch",
+        min_epochs=2,
+        exclude="net.4",
+        monitor="val_acc",
+        guard=Guard(max_drop=0.5, batches=1, search_steps=3, sweep_points=4),
+    )
+    stop, before, after = EarlyStopping("val_acc", mode="max", patience=100), Probe(), Probe()
+    train, val = loaders()
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    trainer(3, [before, lmd, after, stop], logger=logger).fit(LitMLP(max_epochs=3), train, val)
+    values = [t.value for t in lmd.guard_record.trials] + [p.value for p in lmd.sweep]
+    assert lmd.compressed_epochs == [2] and len(values) >= 6
+    assert len(set(values) - {lmd.guard_record.before}) >= 3  # the trials measured other accuracies
+    assert after.seen == before.seen and float(before.seen[0]["val_acc"]) == pytest.approx(lmd.guard_record.before)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "version_0" / "metrics.csv")))
+    assert len([row for row in rows if row.get("val_acc")]) == 3  # one per validation epoch, no trial's
