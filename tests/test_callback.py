@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -275,3 +277,36 @@ def test_data_metric_calibrates_on_the_first_training_batches() -> None:
     plain.load_state_dict(before.state)
     compress_(plain, FixedRank(6), exclude="net.4")
     assert not torch.allclose(plain.net[2].dense_weight(), dense.net[2].dense_weight(), atol=1e-3)  # a different fit
+
+
+class FirstBatches(pl.Callback):
+    """The first training batch of every epoch (its first feature column identifies the order)."""
+
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.seen.append(batch[0][:, 0].clone())
+
+
+@pytest.mark.parametrize("forked", [True, False])
+def test_calibration_leaves_a_shuffled_loaders_order_alone(forked: bool, monkeypatch) -> None:
+    """A loader shuffled by the global RNG sees the same batches whether or not metric="data" read from it."""
+    if not forked:  # the check can fail: without the RNG fork, the calibration's draws shift the order
+        monkeypatch.setattr(torch.random, "fork_rng", lambda *a, **k: contextlib.nullcontext())
+
+    def first_batches(metric: str) -> list[torch.Tensor]:
+        pl.seed_everything(0, verbose=False)
+        train, val = loaders()
+        shuffled = torch.utils.data.DataLoader(train.dataset, batch_size=128, shuffle=True)  # global RNG
+        lmd = LMDCompression(FixedRank(6), trigger="epoch", min_epochs=2, exclude="net.4", metric=metric)
+        record = FirstBatches()
+        trainer(4, [lmd, record]).fit(LitMLP(max_epochs=4), shuffled, val)
+        assert lmd.compressed_epochs == [2]
+        return record.seen
+
+    plain, calibrated = first_batches("weight"), first_batches("data")
+    assert len(plain) == 4 and not torch.equal(plain[0], plain[1])  # it does reshuffle every epoch
+    same = all(torch.equal(a, b) for a, b in zip(plain, calibrated))
+    assert same is forked

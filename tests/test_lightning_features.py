@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, StochasticWeightAveraging
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
@@ -94,11 +94,18 @@ def test_gradients_seen_are_unscaled_under_fp16_style_scaling() -> None:
     assert gradient_unscale_factor(FakeTrainer(), plain) is None
 
 
-def test_weight_averaging_is_refused() -> None:
+@pytest.mark.parametrize("averaging", ["StochasticWeightAveraging", "EMAWeightAveraging"])
+def test_weight_averaging_is_refused(averaging: str) -> None:
+    if not hasattr(pl.callbacks, averaging):
+        pytest.skip(f"this Lightning has no {averaging} (EMA weight averaging came in 2.6)")
+    make = getattr(pl.callbacks, averaging)
+    callback = make(swa_lrs=0.01) if averaging == "StochasticWeightAveraging" else make()
     train, val = loaders()
-    t = trainer(2, [LMDCompression(FixedRank(4)), StochasticWeightAveraging(swa_lrs=0.01)])
-    with pytest.raises(ValueError, match=r"cannot run with \['StochasticWeightAveraging'\]"):
-        t.fit(LitMLP(max_epochs=2), train, val)
+    model = LitMLP(max_epochs=2)
+    t = trainer(2, [LMDCompression(FixedRank(4)), callback])
+    with pytest.raises(ValueError, match=rf"cannot run with \['{averaging}'\]"):
+        t.fit(model, train, val)
+    assert type(model.net[0]) is nn.Linear and t.global_step == 0  # refused at setup, before any step
 
 
 class CompiledBlock(LitMLP):
