@@ -1,4 +1,12 @@
-"""Shared fixtures: seeded randomness and matrices with known spectra."""
+"""Shared fixtures: seeded randomness and matrices with known spectra.
+
+The rule for every test here: it must fail if the feature its name describes is removed or broken.
+Check values that would be wrong without the feature (an output recomputed by hand, an exact count,
+a message), not only that nothing raised; a range check such as `0 <= acc <= 1` is not an
+assertion of behaviour. Where a check could pass by accident, add the case that shows it can
+fail (see test_calibration_leaves_a_shuffled_loaders_order_alone, or the blocker check in
+test_architecture.py).
+"""
 
 from __future__ import annotations
 
