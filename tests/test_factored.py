@@ -5,7 +5,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from lmd_lightning import FactoredLinear
+from lmd_lightning import FactoredConv2d, FactoredLinear, FixedRank, compress_
+from lmd_lightning.layers.base import FactoredModule
 from lmd_lightning.layers.svd import eckart_young_error
 from tests.conftest import matrix_with_spectrum
 
@@ -153,3 +154,38 @@ def test_invalid_arguments(kwargs: dict, match: str) -> None:
 def test_from_linear_rejects_other_modules() -> None:
     with pytest.raises(TypeError, match="`linear` must be a torch.nn.modules.linear.Linear"):
         FactoredLinear.from_linear(nn.Conv2d(2, 2, 1), 1)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_weight_reads_the_dense_product_in_the_dense_layers_shape(kind: str) -> None:
+    """`.weight` for outside readers: the dense layer's shape, dtype and device, the product's value, gradients."""
+    torch.manual_seed(0)
+    dense = nn.Linear(8, 6, dtype=torch.float64) if kind == "linear" else nn.Conv2d(3, 5, 3, dtype=torch.float64)
+    layer = FactoredLinear.from_linear(dense, 3) if kind == "linear" else FactoredConv2d.from_conv2d(dense, 2)
+    weight = layer.weight
+    assert (weight.shape, weight.dtype, weight.device) == (dense.weight.shape, dense.weight.dtype, dense.weight.device)
+    back = layer.to_linear() if kind == "linear" else layer.to_conv2d()
+    torch.testing.assert_close(weight, back.weight)
+    weight.sum().backward()  # read in someone's computation, it trains the factors
+    assert layer.U.grad is not None and layer.V.grad is not None and float(layer.U.grad.abs().sum()) > 0
+    with pytest.raises(AttributeError, match=r"\.weight is read-only: it is the product of the factors"):
+        layer.weight = torch.zeros_like(weight)
+    assert "weight" not in dict(layer.named_parameters()) and "weight" not in layer.state_dict()
+
+
+def test_a_training_step_never_builds_a_dense_weight(monkeypatch) -> None:
+    """Forward and backward of factored Linear and Conv2d layers: no dense product, no `.weight` read."""
+    built = []
+    original = FactoredModule.dense_weight
+    monkeypatch.setattr(FactoredModule, "dense_weight", lambda self: built.append(self) or original(self))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    compress_(model, FixedRank(2))
+    assert isinstance(model[0], FactoredConv2d) and isinstance(model[3], FactoredLinear)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ShapeLog() as log:
+        model(torch.randn(4, 3, 8, 8)).square().mean().backward()
+    opt.step()
+    assert built == []
+    assert (8, 3, 3, 3) not in log.shapes and (10, 288) not in log.shapes and (8, 27) not in log.shapes
+    model[3].weight  # noqa: B018 - the counter does see a read
+    assert built == [model[3]]

@@ -142,6 +142,26 @@ class FactoredModule(nn.Module):
         """The (out, fan_in) product U·diag(s)·Vᵀ. For export and checks, not for forward."""
         return self.scaled_U() @ self.V.mT
 
+    weight_shape: tuple[int, ...]  # the dense layer's weight shape, set by each layer kind
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense layer's weight, built from the factors when read, in its shape, dtype and device.
+
+        For code outside the layer that reads a child's `.weight` (its dtype, as many Hugging Face
+        models do, or its value); gradients flow back into the factors. Each read builds the full
+        product, so the layer's own forward never reads it. Read-only: change the layer through its
+        factors (`load_factors_`, `truncate_`).
+        """
+        return self.dense_weight().reshape(self.weight_shape)
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        raise AttributeError(
+            f"{type(self).__name__}.weight is read-only: it is the product of the factors U, V (and s); "
+            "set them with load_factors_, or shrink the layer with truncate_"
+        )
+
     @torch.no_grad()
     def canonical_factors(self) -> Factors:
         """The exact SVD of the current product, from QR of both factors and an SVD of the r×r core."""
@@ -216,6 +236,6 @@ def check_layer_type(obj: object, expected: type, arg: str) -> None:
 
 def copy_requires_grad(src: nn.Module, dst: nn.Module) -> None:
     """The weight's flag goes to the weight or to all factors; the bias keeps its own."""
-    weight_grad = (src.weight if hasattr(src, "weight") else src.U).requires_grad
+    weight_grad = (src.U if isinstance(src, FactoredModule) else src.weight).requires_grad
     for name, param in dst.named_parameters(recurse=False):
         param.requires_grad_(src.bias.requires_grad if name == "bias" else weight_grad)

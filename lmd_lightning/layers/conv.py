@@ -64,6 +64,7 @@ class FactoredConv2d(FactoredModule):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)
+        self.weight_shape = (out_channels, in_channels, *self.kernel_size)  # nn.Conv2d's
         self.stride = _pair(stride)
         self.padding = padding if isinstance(padding, str) else _pair(padding)
         self.dilation = _pair(dilation)

@@ -29,6 +29,7 @@ class FactoredLinear(FactoredModule):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.weight_shape = (out_features, in_features)  # nn.Linear's
         self._init_parameters(out_features, in_features, rank, bias, parametrization, device, dtype, metric_maps)
 
     def forward(self, x: Tensor) -> Tensor:

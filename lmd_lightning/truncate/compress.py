@@ -60,7 +60,8 @@ def _param_count(module: nn.Module, recurse: bool = False) -> int:
 
 def _start_plan(target: Target) -> _Plan:
     module = target.module
-    if isinstance(getattr(module, "weight", None), UninitializedParameter):  # lazy: no shape yet
+    weight = None if isinstance(module, FactoredModule) else getattr(module, "weight", None)  # no product built
+    if isinstance(weight, UninitializedParameter):  # lazy: no shape yet
         report = LayerReport(
             target.name, type(module).__name__, (), 0, None, None, 0, 0, 0, 0, reason=target.skip_reason
         )

@@ -1,0 +1,103 @@
+"""Models nobody here wrote: code that reads a child's `.weight` keeps working after compression."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmd_lightning import FactoredConv2d, FactoredLinear, FixedRank, LMDCompression, RankRatio, compress_
+from tests.lightning_models import trainer
+
+
+class ReadsItsChildsWeight(nn.Module):
+    """The Hugging Face pattern (ViT's patch embedding, T5's `wo`): cast the input to a child's weight dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.projection = nn.Conv2d(3, 16, 4, stride=4)
+        self.wo = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.projection(x.to(self.projection.weight.dtype)).flatten(2).mean(-1)  # (B, 16)
+        x = x.to(self.wo.weight.dtype) if self.wo.weight.dtype != x.dtype else x
+        return self.head(torch.relu(self.wo(x)))
+
+
+def test_weight_readers_run_after_compression() -> None:
+    model = ReadsItsChildsWeight()
+    x = torch.randn(2, 3, 16, 16)
+    compress_(model, FixedRank(4), exclude="head")
+    assert isinstance(model.projection, FactoredConv2d) and isinstance(model.wo, FactoredLinear)
+    model(x).sum().backward()
+    assert model.projection.U.grad is not None
+
+
+def tiny_vit():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        num_labels=4,
+    )
+    torch.manual_seed(0)
+    return transformers.ViTForImageClassification(config)
+
+
+def test_hf_vit_compresses_and_still_runs() -> None:
+    """HF ViT's patch embedding reads `projection.weight.dtype`: before factored layers had `.weight`, this raised."""
+    model = tiny_vit()
+    x, labels = torch.randn(2, 3, 16, 16), torch.tensor([0, 3])
+    report = compress_(model, RankRatio(0.25))
+    embed = model.vit.embeddings.patch_embeddings.projection
+    assert isinstance(embed, FactoredConv2d) and report.model_params_after < report.model_params_before
+    loss = model(pixel_values=x, labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss) and embed.U.grad is not None
+
+
+class ViTClassifier(pl.LightningModule):
+    """An HF ViT in a plain LightningModule, as a user would write it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_vit()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.model(pixel_values=x, labels=y).loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self.model(pixel_values=x).logits.argmax(-1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_hf_vit_through_the_callback_keeps_training() -> None:
+    """The reported crash: compressed at epoch 2, the next training step raised AttributeError and the fit was lost."""
+    pl.seed_everything(0, verbose=False)
+    x = torch.randn(64, 3, 16, 16)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long() + 2 * (x[:, 0].mean(dim=(1, 2)) > 0).long()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    module = ViTClassifier()
+    before = copy.deepcopy(module.model.state_dict())
+    lmd = LMDCompression(FixedRank(8), trigger="epoch", min_epochs=2, exclude="*classifier", monitor="val_acc")
+    t = trainer(4, [lmd])
+    t.fit(module, data, data)
+    assert lmd.failure is None and lmd.compressed_epochs == [2] and t.global_step == 16
+    embed = module.model.vit.embeddings.patch_embeddings.projection
+    assert isinstance(embed, FactoredConv2d) and embed.rank == 8
+    assert sum(p.numel() for p in module.parameters()) < sum(v.numel() for v in before.values())
+    assert torch.isfinite(F.cross_entropy(module.model(pixel_values=x).logits, y))
