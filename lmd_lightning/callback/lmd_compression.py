@@ -316,6 +316,7 @@ class LMDCompressionBase(_Hooks):
                 self._info(f"LMDCompression: model kept dense. {self.failure}; trials: {trials}")
                 return
             report = self._apply(pl_module, policy)
+            surgery.check_training_step(trainer, pl_module)  # a swap never leaves a model that cannot train
             if self.monitor is not None:
                 self._guarding.record.after = self._evaluate(trainer, pl_module)
             surgery.rebuild(trainer, before)

@@ -7,7 +7,8 @@
   state of every surviving parameter over, continue the LR schedule, and re-wrap DDP;
 - `restore`: go back to the optimizers from before a swap that failed;
 - `evaluate`: the user's validation metric on a few batches, outside Lightning's loops;
-- `calibration`: training batches for metric="data", on the device, summed over processes.
+- `calibration`: training batches for metric="data", on the device, summed over processes;
+- `check_training_step`: one training step of the swapped model on a real batch, leaving no trace.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import pytorch_lightning as pl
 import torch
 
 from lmd_lightning.truncate.calibration import Calibration, DataMetric
+from lmd_lightning.truncate.check import ModelCheckError, check_step
 
 __all__ = [
     "Snapshot",
     "calibration",
     "check_supported",
+    "check_training_step",
     "evaluate",
     "gradient_unscale_factor",
     "lightning_of",
@@ -253,20 +256,52 @@ def _first_loader(loaders: Any) -> Any:
     return loaders
 
 
+def _training_batches(trainer: pl.Trainer, count: int | None) -> list[Any]:
+    """The first `count` training batches (all for None), on the device and in the precision's input type."""
+    batches = []
+    with torch.random.fork_rng(devices=[]):  # a shuffled loader draws from the global RNG: leave training's order alone
+        for batch in _first_loader(trainer.train_dataloader):
+            batches.append(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch)))
+            if count is not None and len(batches) >= count:
+                break
+    return batches
+
+
+def check_training_step(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """One `training_step` and backward on the first training batch, leaving no trace (`check_step`).
+
+    Logging is held back for the step. Decided alike on every process: if the step fails on any of
+    them, every process raises, so that all go back to the dense model together.
+    """
+    (batch,) = _training_batches(trainer, 1)
+
+    def step() -> Any:
+        with trainer.precision_plugin.train_step_context():
+            return pl_module.training_step(batch, 0)
+
+    error: ModelCheckError | None = None
+    pl_module.log, pl_module.log_dict = (lambda *a, **k: None), (lambda *a, **k: None)
+    try:
+        check_step(pl_module, step)
+    except ModelCheckError as err:
+        error = err
+    finally:
+        del pl_module.log, pl_module.log_dict
+    failed_somewhere = trainer.strategy.reduce_boolean_decision(error is not None, all=False)
+    if error is not None:
+        raise error
+    if failed_somewhere:
+        raise RuntimeError("the compressed model fails a training step on another process")
+
+
 def calibration(trainer: pl.Trainer, settings: DataMetric) -> Calibration:
     """The first `settings.batches` training batches (all of them for None), moved to the device, as a Calibration run.
 
     Forward passes run under the trainer's precision context; moments are summed over DDP
     processes so that every process computes the same factors.
     """
-    batches = []
-    with torch.random.fork_rng(devices=[]):  # a shuffled loader draws from the global RNG: leave training's order alone
-        for batch in _first_loader(trainer.train_dataloader):
-            batches.append(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch)))
-            if settings.batches is not None and len(batches) >= settings.batches:
-                break
     return Calibration(
-        batches,
+        _training_batches(trainer, settings.batches),
         settings,
         reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"),
         context=trainer.precision_plugin.forward_context,

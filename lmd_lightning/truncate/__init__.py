@@ -3,6 +3,7 @@ report, data-metric calibration, and metric maps on a whole model. Torch only; b
 """
 
 from lmd_lightning.truncate.calibration import DataMetric
+from lmd_lightning.truncate.check import ModelCheckError
 from lmd_lightning.truncate.compress import compress_
 from lmd_lightning.truncate.maps import add_metric_maps_, fold_
 from lmd_lightning.truncate.policies import (
@@ -27,6 +28,7 @@ __all__ = [
     "FixedRank",
     "GlobalBudget",
     "LayerReport",
+    "ModelCheckError",
     "RankPolicy",
     "RankRatio",
     "StableRank",

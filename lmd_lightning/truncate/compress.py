@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from lmd_lightning.layers.conv import FactoredConv2d, conv_matrix
 from lmd_lightning.layers.linear import FactoredLinear
 from lmd_lightning.layers.svd import METHODS, Factors, SVDFailedError, check_finite, singular_values, truncated_svd
 from lmd_lightning.truncate.calibration import Calibration, DataMetric, layer_weight
+from lmd_lightning.truncate.check import ModelCheckError, check_step
 from lmd_lightning.truncate.data_metric import LayerMoments, data_factors, data_spectrum
 from lmd_lightning.truncate.policies import LayerSpectrum, RankPolicy
 from lmd_lightning.truncate.report import CompressionReport, LayerReport
@@ -35,6 +36,8 @@ from lmd_lightning.truncate.targets import (
     disable_fused_fast_paths,
     find_targets,
     swap_module,
+    undo,
+    undo_record,
 )
 
 __all__ = ["compress_"]
@@ -246,6 +249,12 @@ class _DataPlans:
 
 
 @torch.no_grad()
+def _call(model: nn.Module, example: Any) -> Any:
+    if isinstance(example, Mapping):
+        return model(**example)
+    return model(*example) if isinstance(example, tuple) else model(example)
+
+
 def compress_(
     model: nn.Module,
     policy: RankPolicy,
@@ -258,6 +267,7 @@ def compress_(
     metric: str | DataMetric = "weight",
     calibration: Iterable[Any] | None = None,
     metric_maps: bool = False,
+    check: Any = None,
 ) -> CompressionReport:
     """Truncate the model's Linear and Conv2d layers by SVD in place, with ranks from `policy`.
 
@@ -268,6 +278,9 @@ def compress_(
     `calibration` batches (on the model's device), fitted layer by layer (LMD.md section 5).
     `metric_maps=True` gives every targeted factored layer (new or not) learnable r×r I_dist and O_dist
     at the identity (LMD Eq. 4); `fold_` merges them back. Shrinking a layer resets its maps.
+    `check`: an example input (a tensor, a tuple of positional arguments or a dict of keywords).
+    After the swap the model runs one forward and backward on it, leaving no trace; if that raises,
+    every layer goes back as it was and ModelCheckError names the failing module.
     Returns a CompressionReport; every layer left dense carries its reason.
     """
     settings = _validate(model, policy, parametrization, method, metric, calibration)
@@ -292,6 +305,7 @@ def compress_(
         for plan, rank in zip(active, ranks):
             if _changes(plan, rank):
                 _plan_factors(plan, rank, method)
+    record = undo_record(model) if check is not None else None
     for plan in active:
         if plan.factors is not None:
             _apply(model, plan, parametrization)
@@ -302,6 +316,12 @@ def compress_(
                 current.add_metric_maps_()
                 plan.report.params_after = _param_count(current)
     notes = [f"fused fast path disabled in `{name}`" for name in disable_fused_fast_paths(model)]
+    if check is not None:
+        try:
+            check_step(model, lambda: _call(model, check))
+        except ModelCheckError:
+            undo(model, record)
+            raise
     spectra = {plan.report.name: plan.spectrum.s for plan in active if plan.spectrum.s is not None}
     report = CompressionReport(
         [plan.report for plan in plans], params_before, _param_count(model, recurse=True), repr(policy), notes, spectra
