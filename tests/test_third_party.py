@@ -101,3 +101,43 @@ def test_hf_vit_through_the_callback_keeps_training() -> None:
     assert isinstance(embed, FactoredConv2d) and embed.rank == 8
     assert sum(p.numel() for p in module.parameters()) < sum(v.numel() for v in before.values())
     assert torch.isfinite(F.cross_entropy(module.model(pixel_values=x).logits, y))
+
+
+class TiedLM(nn.Module):
+    """A language model whose output head shares the token embedding's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(100, 32)
+        self.body = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 100, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(self.embed(tokens))))
+
+
+def test_a_head_tied_to_the_embedding_stays_dense_and_tied() -> None:
+    model, by_hand = TiedLM(), TiedLM()
+    by_hand.load_state_dict(model.state_dict())
+    report = compress_(model, FixedRank(4))
+    head = next(layer for layer in report.layers if layer.name == "head")
+    assert head.rank is None and head.reason.startswith("tied to `embed.weight`")
+    assert model.head.weight is model.embed.weight and isinstance(model.body, FactoredLinear)
+    excluded = compress_(by_hand, FixedRank(4), exclude="head")
+    assert report.model_params_after == excluded.model_params_after < report.model_params_before
+
+
+def test_hf_gpt2_lm_head_is_not_untied() -> None:
+    """GPT-2 ties lm_head to wte; factoring the head grew a small GPT-2 from 114,944 to 119,168 parameters."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=1000, n_positions=64)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    params = sum(p.numel() for p in model.parameters())
+    report = compress_(model, RankRatio(0.25))
+    head = next(layer for layer in report.layers if layer.name == "lm_head")
+    assert head.rank is None and "tied to `transformer.wte.weight`" in head.reason
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert sum(p.numel() for p in model.parameters()) == report.model_params_after <= params
+    model(torch.randint(0, 1000, (2, 8)), labels=torch.randint(0, 1000, (2, 8))).loss.backward()

@@ -2,6 +2,7 @@
 
 A candidate is an nn.Linear or nn.Conv2d (exact type) or an already-factored layer.
 Some are found but must stay dense, each with a reason:
+- layers holding a parameter that another module holds too (a head tied to the embedding);
 - children of nn.MultiheadAttention, which reads `out_proj.weight` directly;
 - subclasses of nn.Linear / nn.Conv2d, which may rely on `.weight`, unless included by exact name;
 - grouped or depthwise convs, and layers whose parameters are not materialised yet.
@@ -76,6 +77,7 @@ def find_targets(model: nn.Module, include: Patterns, exclude: Patterns, filter_
             f"`model` is itself a {type(model).__name__}; wrap it in a container or use from_linear/from_conv2d"
         )
     parents = {id(child): module for module in model.modules() for child in module.children()}
+    tied = _tied_parameters(model)
     found = [(name, module) for name, module in model.named_modules() if _is_candidate(module)]
     names = [name for name, _ in found]
     _check_matches(include_list, names, "include")
@@ -88,8 +90,31 @@ def find_targets(model: nn.Module, include: Patterns, exclude: Patterns, filter_
             continue
         if filter_fn is not None and not filter_fn(name, module):
             continue
-        targets.append(Target(name, module, _skip_reason(name, module, parents.get(id(module)), include_list)))
+        reason = tied.get(id(module)) or _skip_reason(name, module, parents.get(id(module)), include_list)
+        targets.append(Target(name, module, reason))
     return targets
+
+
+def _tied_parameters(model: nn.Module) -> dict[int, str]:
+    """id(module) → why it must stay dense, for modules holding a parameter another module holds too.
+
+    An output head tied to the token embedding is the common case; factoring one of them would
+    untie the pair (and, for a head, add parameters instead of saving them). The same module
+    registered under several names is not a tie: it is swapped everywhere at once.
+    """
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(recurse=False):
+            holders.setdefault(id(param), []).append(
+                (module, f"{module_name}.{param_name}" if module_name else param_name)
+            )
+    reasons: dict[int, str] = {}
+    for owners in holders.values():
+        for module, _ in owners:
+            others = [name for other, name in owners if other is not module]
+            if others and id(module) not in reasons:
+                reasons[id(module)] = f"tied to `{others[0]}` (a shared parameter): factoring it would untie them"
+    return reasons
 
 
 def module_names(model: nn.Module, module: nn.Module) -> list[str]:
