@@ -24,7 +24,7 @@ import pytorch_lightning as pl
 import torch
 
 from lmd_lightning.truncate.calibration import Calibration, DataMetric
-from lmd_lightning.truncate.check import ModelCheckError, check_step
+from lmd_lightning.truncate.check import check_step
 
 __all__ = [
     "Snapshot",
@@ -273,17 +273,17 @@ def check_training_step(trainer: pl.Trainer, pl_module: pl.LightningModule) -> N
     Logging is held back for the step. Decided alike on every process: if the step fails on any of
     them, every process raises, so that all go back to the dense model together.
     """
-    (batch,) = _training_batches(trainer, 1)
 
     def step() -> Any:
         with trainer.precision_plugin.train_step_context():
             return pl_module.training_step(batch, 0)
 
-    error: ModelCheckError | None = None
+    error: Exception | None = None
     pl_module.log, pl_module.log_dict = (lambda *a, **k: None), (lambda *a, **k: None)
     try:
+        (batch,) = _training_batches(trainer, 1)
         check_step(pl_module, step)
-    except ModelCheckError as err:
+    except Exception as err:  # caught here so that every process reaches the decision below
         error = err
     finally:
         del pl_module.log, pl_module.log_dict
