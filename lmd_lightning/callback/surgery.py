@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import importlib
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -187,6 +188,16 @@ def _loaders(trainer: pl.Trainer) -> list:
     return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
 
 
+@contextmanager
+def _logging_to(pl_module: pl.LightningModule, log: Any, log_dict: Any) -> Iterator[None]:
+    """`self.log` / `self.log_dict` replaced for the duration, so nothing reaches loggers or callbacks."""
+    pl_module.log, pl_module.log_dict = log, log_dict  # instance attributes shadow the methods
+    try:
+        yield
+    finally:
+        del pl_module.log, pl_module.log_dict
+
+
 @torch.no_grad()
 def evaluate(trainer: pl.Trainer, pl_module: pl.LightningModule, metric: str, max_batches: int) -> float:
     """Mean of `metric` as the user's `validation_step` logs it, over at most `max_batches` per loader.
@@ -213,20 +224,19 @@ def evaluate(trainer: pl.Trainer, pl_module: pl.LightningModule, metric: str, ma
             capture(name, value, batch_size=batch_size)
 
     modes, loaders = {module: module.training for module in pl_module.modules()}, _loaders(trainer)
-    pl_module.log, pl_module.log_dict = capture, capture_dict  # instance attributes shadow the methods
     pl_module.eval()
     try:
-        for index, loader in enumerate(loaders):
-            extra = {"dataloader_idx": index} if len(loaders) > 1 else {}
-            suffix = f"/dataloader_idx_{index}" if len(loaders) > 1 else ""
-            for batch_idx, batch in enumerate(loader):
-                if batch_idx >= max_batches:
-                    break
-                size = _batch_size(batch)
-                batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
-                trainer.strategy.validation_step(batch, batch_idx, **extra)  # precision context, DDP path
+        with _logging_to(pl_module, capture, capture_dict):
+            for index, loader in enumerate(loaders):
+                extra = {"dataloader_idx": index} if len(loaders) > 1 else {}
+                suffix = f"/dataloader_idx_{index}" if len(loaders) > 1 else ""
+                for batch_idx, batch in enumerate(loader):
+                    if batch_idx >= max_batches:
+                        break
+                    size = _batch_size(batch)
+                    batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+                    trainer.strategy.validation_step(batch, batch_idx, **extra)  # precision context, DDP path
     finally:
-        del pl_module.log, pl_module.log_dict
         for module, training in modes.items():  # each submodule's own mode, as Lightning does
             module.train(training)
     values = {name: float(obj.compute()) for name, obj in stateful.items()}
@@ -279,14 +289,12 @@ def check_training_step(trainer: pl.Trainer, pl_module: pl.LightningModule) -> N
             return pl_module.training_step(batch, 0)
 
     error: Exception | None = None
-    pl_module.log, pl_module.log_dict = (lambda *a, **k: None), (lambda *a, **k: None)
     try:
         (batch,) = _training_batches(trainer, 1)
-        check_step(pl_module, step)
+        with _logging_to(pl_module, lambda *a, **k: None, lambda *a, **k: None):
+            check_step(pl_module, step)
     except Exception as err:  # caught here so that every process reaches the decision below
         error = err
-    finally:
-        del pl_module.log, pl_module.log_dict
     failed_somewhere = trainer.strategy.reduce_boolean_decision(error is not None, all=False)
     if error is not None:
         raise error
