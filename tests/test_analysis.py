@@ -80,7 +80,7 @@ def test_analysis_of_a_compressed_model_with_data():
         ({"policies": []}, TypeError, "`policies` must be a non-empty sequence of RankPolicy"),
         ({"policies": [EnergyRank(0.9), EnergyRank(0.9)]}, ValueError, "`policies` must differ"),
         ({"max_points": 2}, ValueError, "`max_points` must be an int >= 3, got 2"),
-        ({"include": "nope*"}, ValueError, "`include` pattern 'nope\\*' matches no Linear/Conv2d layer"),
+        ({"include": "nope*"}, ValueError, "`include` pattern 'nope\\*' matches no layer that can be factored"),
     ],
 )
 def test_analysis_arguments(kwargs, error, match):

@@ -17,6 +17,7 @@ from lmd_lightning import (
     compress_,
     restore_factored_,
 )
+from lmd_lightning.layers import FactoredMultiheadAttention
 
 
 class TinyMLP(nn.Module):
@@ -120,21 +121,31 @@ def test_cnn_convs_factored_grouped_conv_stays_dense() -> None:
     torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-3)
 
 
+def _low_rank_(weight: torch.Tensor, rank: int) -> None:
+    out_dim, fan_in = weight.shape
+    weight.copy_(torch.randn(out_dim, rank) @ torch.randn(rank, fan_in) / fan_in)
+
+
 def test_transformer_still_runs_and_is_close_at_high_energy() -> None:
+    """Feed-forward and attention projections factored; the fused fast paths never read a dense weight."""
     model = TinyTransformer().eval()
-    with torch.no_grad():  # feed-forward weights of rank 6: high energy then means nearly exact
+    with torch.no_grad():  # weights of rank 6 (projections: 3 each): high energy then means nearly exact
         for layer in model.encoder.layers:
             for linear in (layer.linear1, layer.linear2):
-                out_dim, fan_in = linear.weight.shape
-                linear.weight.copy_(torch.randn(out_dim, 6) @ torch.randn(6, fan_in) / fan_in)
+                _low_rank_(linear.weight, 6)
+        for mha in [model.attn, *(layer.self_attn for layer in model.encoder.layers)]:
+            for chunk in mha.in_proj_weight.split(32):
+                _low_rank_(chunk, 3)
+            _low_rank_(mha.out_proj.weight, 3)
     x = torch.randn(3, 5, 8)
     mask = torch.tensor([[False] * 5, [False] * 4 + [True], [False] * 3 + [True] * 2])
     with torch.no_grad():
         expected, expected_masked = model(x), model(x, mask)
     report = compress_(model, EnergyRank(0.999))
-    reasons = {layer.name: layer.reason for layer in report.layers}
-    assert "MultiheadAttention" in reasons["attn.out_proj"]
-    assert "MultiheadAttention" in reasons["encoder.layers.0.self_attn.out_proj"]
+    ranks = {layer.name: layer.rank for layer in report.layers}
+    for prefix in ("attn", "encoder.layers.0.self_attn", "encoder.layers.1.self_attn"):
+        assert isinstance(model.get_submodule(prefix), FactoredMultiheadAttention)
+        assert [ranks[f"{prefix}.{p}"] for p in ("q_proj", "k_proj", "v_proj", "out_proj")] == [3, 3, 3, 3]
     assert isinstance(model.encoder.layers[0].linear1, FactoredLinear)
     assert any("fused fast path" in note for note in report.notes)
     with torch.no_grad():  # eval + no grad is where the fused kernels would read .weight

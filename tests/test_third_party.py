@@ -141,3 +141,46 @@ def test_hf_gpt2_lm_head_is_not_untied() -> None:
     assert model.lm_head.weight is model.transformer.wte.weight
     assert sum(p.numel() for p in model.parameters()) == report.model_params_after <= params
     model(torch.randint(0, 1000, (2, 8)), labels=torch.randint(0, 1000, (2, 8))).loss.backward()
+
+
+class GPT2CharLM(pl.LightningModule):
+    """An HF GPT-2 language model in a LightningModule whose batches are dicts (HF style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=40, n_positions=32)
+        torch.manual_seed(0)
+        self.model = transformers.GPT2LMHeadModel(config)
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.model(**batch).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+
+def test_hf_gpt2_lm_through_the_callback_keeps_training() -> None:
+    """Conv1D projections factored mid-fit, lm_head still tied, the loss still falls after the swap."""
+    pl.seed_everything(0, verbose=False)
+    text = torch.arange(40).repeat(40)[: 64 * 17].reshape(64, 17) % 40  # a periodic "text": learnable
+
+    def as_dict(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids = torch.stack(rows)
+        return {"input_ids": ids, "labels": ids}
+
+    train = torch.utils.data.DataLoader(list(text), batch_size=8, collate_fn=as_dict)
+    val = torch.utils.data.DataLoader(list(text[:16]), batch_size=8, collate_fn=as_dict)
+    module = GPT2CharLM()
+    lmd = LMDCompression(RankRatio(0.5), trigger="epoch", min_epochs=2, monitor="val_loss", mode="min")
+    t = trainer(5, [lmd])
+    t.fit(module, train, val)
+    assert lmd.failure is None and lmd.compressed_epochs == [2]
+    gpt2 = module.model.transformer
+    assert type(gpt2.h[0].attn.c_attn).__name__ == "FactoredHFConv1D" and gpt2.h[1].mlp.c_fc.rank == 16
+    assert module.model.lm_head.weight is gpt2.wte.weight
+    history = lmd.guard_record
+    assert history is not None and float(t.callback_metrics["val_loss"]) < history.before

@@ -22,6 +22,7 @@ from lmd_lightning.callback.schedule import Schedule, check_rounds, default_last
 from lmd_lightning.callback.trigger import TriggerWatch
 from lmd_lightning.checks import check_choice
 from lmd_lightning.layers import METHODS, PARAMETRIZATIONS
+from lmd_lightning.layers.registry import split_of
 from lmd_lightning.lmd.regularize import Regularizer
 from lmd_lightning.monitors import ConvergenceMonitor, StableRankMonitor
 from lmd_lightning.truncate.calibration import DataMetric, layer_weight
@@ -289,9 +290,12 @@ class LMDCompressionBase(_Hooks):
 
     def _check_targets(self, pl_module: pl.LightningModule) -> None:
         targets = find_targets(pl_module, self.include, self.exclude, self.filter_fn)
-        if not any(t.skip_reason is None for t in targets):
+        if not any(t.skip_reason is None for t in targets) and not any(map(split_of, pl_module.modules())):
             names = [name for name, _ in pl_module.named_modules() if name]
-            raise ValueError(f"LMDCompression found no Linear/Conv2d layer it can compress; the modules are: {names}")
+            raise ValueError(
+                "LMDCompression found no layer it can factor (Linear, Conv1d, Conv2d, Hugging Face Conv1D, "
+                f"MultiheadAttention; Embedding when included); the modules are: {names}"
+            )
 
     def _due(self, epoch: int) -> bool:
         return self.failure is None and self._schedule.due(epoch, self.compressed_epochs, self._watch.monitor.converged)

@@ -16,15 +16,23 @@ restores the canonical form; the layer then computes the same map without them.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmd_lightning.checks import check_bool, check_choice
-from lmd_lightning.layers.svd import Factors, compute_dtype, eckart_young_error
+from lmd_lightning.layers.svd import Factors, compute_dtype, eckart_young_error, truncated_svd
 
-__all__ = ["PARAMETRIZATIONS", "FactoredModule", "check_layer_type", "check_rank", "copy_requires_grad"]
+__all__ = [
+    "PARAMETRIZATIONS",
+    "FactoredModule",
+    "check_layer_type",
+    "check_rank",
+    "copy_requires_grad",
+    "qualified_name",
+]
 
 Parametrization = Literal["balanced", "svd"]
 PARAMETRIZATIONS = ("balanced", "svd")
@@ -37,8 +45,23 @@ def check_rank(rank: int, out_dim: int, fan_in: int) -> None:
         )
 
 
+def qualified_name(cls: type) -> str:
+    """`module.QualName` of a class: how the registry names the dense class a kind replaces."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 class FactoredModule(nn.Module):
-    """Shared mechanics of FactoredLinear and FactoredConv2d over the (out, fan_in) matrix."""
+    """Shared mechanics of every factored layer kind over its (out, fan_in) matrix.
+
+    A layer kind is one subclass, registered with `layers.registry.register_kind`. Besides its
+    forward it says how to read the dense layer it replaces (`dense_matrix`, `dense_skip_reason`),
+    how to build itself from one (`like`, `from_dense`) and back (`to_dense`), and how calibration
+    reads its inputs (`input_rows`, `output_rows`, `dense_forward`). The defaults are nn.Linear's.
+    """
+
+    dense_name: ClassVar[str]  # qualified name of the dense class this kind replaces
+    opt_in: ClassVar[bool] = False  # targeted only when `include` names it (embeddings)
+    data_metric: ClassVar[bool] = True  # its inputs read as rows of fan_in, so metric="data" applies
 
     U: nn.Parameter  # (out, r)
     V: nn.Parameter  # (fan_in, r)
@@ -223,6 +246,76 @@ class FactoredModule(nn.Module):
             setattr(self, key, nn.Parameter(value, requires_grad=requires_grad))
         return self
 
+    # ---- the layer kind's interface; the defaults are nn.Linear's ----
+
+    @classmethod
+    def dense_matrix(cls, dense: nn.Module) -> Tensor:
+        """The dense layer's weight as the (out, fan_in) matrix that is truncated (detached, no copy)."""
+        weight = dense.weight.detach()
+        return weight.reshape(weight.shape[0], -1)
+
+    @classmethod
+    def dense_skip_reason(cls, dense: nn.Module) -> str | None:
+        """Why this dense layer cannot be factored (a grouped conv, say), or None."""
+        return None
+
+    @classmethod
+    def like(
+        cls, module: nn.Module, rank: int, bias: bool, parametrization: Parametrization, metric_maps: bool = False
+    ) -> FactoredModule:
+        """An empty factored layer with the geometry, device and dtype of `module` (dense or factored)."""
+        raise NotImplementedError(f"{cls.__name__} does not implement `like`")
+
+    def to_dense(self) -> nn.Module:
+        """The dense layer computing the same map, with the factors' product as its weight."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement `to_dense`")
+
+    @classmethod
+    def from_dense_factors(
+        cls, dense: nn.Module, factors: Factors, parametrization: Parametrization = "balanced"
+    ) -> FactoredModule:
+        """A layer holding `factors`, with the geometry of `dense`, a copy of its bias and its requires_grad."""
+        bias = getattr(dense, "bias", None)
+        layer = cls.like(dense, factors.rank, bias is not None, parametrization)
+        layer.load_factors_(factors)
+        if bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(bias)
+        copy_requires_grad(dense, layer)
+        return layer
+
+    @classmethod
+    def from_dense(
+        cls, dense: nn.Module, rank: int, parametrization: Parametrization = "balanced", method: str = "auto"
+    ) -> FactoredModule:
+        """The best rank-`rank` factored copy of `dense` (Eckart–Young), same device, dtype, requires_grad."""
+        if qualified_name(type(dense)) != cls.dense_name:
+            raise TypeError(
+                f"{cls.__name__} replaces a {cls.dense_name}, got {type(dense).__module__}.{type(dense).__name__}"
+            )
+        reason = cls.dense_skip_reason(dense)
+        if reason is not None:
+            raise ValueError(f"cannot factor this {type(dense).__name__}: {reason}")
+        matrix = cls.dense_matrix(dense)
+        check_rank(rank, *matrix.shape)
+        return cls.from_dense_factors(dense, truncated_svd(matrix, rank, method=method), parametrization)
+
+    @classmethod
+    def input_rows(cls, module: nn.Module, x: Tensor) -> Tensor:
+        """The layer's input as (rows, fan_in), the space its matrix's columns act on."""
+        return x.reshape(-1, x.shape[-1])
+
+    @classmethod
+    def output_rows(cls, module: nn.Module, y: Tensor) -> Tensor:
+        """The layer's output as (rows, out), in the row order of `input_rows`."""
+        return y.reshape(-1, y.shape[-1])
+
+    @classmethod
+    def dense_forward(cls, module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+        """The layer's output with its (out, fan_in) matrix replaced by `weight`."""
+        bias = getattr(module, "bias", None)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
     def _common_repr(self) -> str:
         maps = ", metric_maps=True" if self.has_metric_maps else ""
         return f"rank={self.rank}, bias={self.bias is not None}, parametrization={self.parametrization}{maps}"
@@ -237,5 +330,6 @@ def check_layer_type(obj: object, expected: type, arg: str) -> None:
 def copy_requires_grad(src: nn.Module, dst: nn.Module) -> None:
     """The weight's flag goes to the weight or to all factors; the bias keeps its own."""
     weight_grad = (src.U if isinstance(src, FactoredModule) else src.weight).requires_grad
+    bias = getattr(src, "bias", None)
     for name, param in dst.named_parameters(recurse=False):
-        param.requires_grad_(src.bias.requires_grad if name == "bias" else weight_grad)
+        param.requires_grad_(bias.requires_grad if name == "bias" and bias is not None else weight_grad)

@@ -6,14 +6,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmd_lightning.layers.base import FactoredModule, Parametrization, check_layer_type, check_rank, copy_requires_grad
-from lmd_lightning.layers.svd import Factors, truncated_svd
+from lmd_lightning.layers.base import (
+    FactoredModule,
+    Parametrization,
+    check_layer_type,
+    copy_requires_grad,
+    qualified_name,
+)
+from lmd_lightning.layers.registry import register_kind
+from lmd_lightning.layers.svd import Factors
 
 __all__ = ["FactoredLinear"]
 
 
+@register_kind
 class FactoredLinear(FactoredModule):
     """y = x·V·diag(s)·Uᵀ + b as two thin matmuls: (B, in) → (B, r) → (B, out)."""
+
+    dense_name = qualified_name(nn.Linear)
 
     def __init__(
         self,
@@ -37,6 +47,13 @@ class FactoredLinear(FactoredModule):
         return F.linear(z, self.scaled_U(), self.bias)  # (..., out)
 
     @classmethod
+    def like(cls, module, rank, bias, parametrization, metric_maps=False) -> FactoredLinear:
+        like = module.U if isinstance(module, FactoredModule) else module.weight
+        return cls(
+            module.in_features, module.out_features, rank, bias, parametrization, like.device, like.dtype, metric_maps
+        )
+
+    @classmethod
     def from_factors(
         cls, factors: Factors, bias: Tensor | None = None, parametrization: Parametrization = "balanced"
     ) -> FactoredLinear:
@@ -57,13 +74,9 @@ class FactoredLinear(FactoredModule):
     ) -> FactoredLinear:
         """The best rank-`rank` factored copy of `linear` (Eckart–Young), same device, dtype, requires_grad."""
         check_layer_type(linear, nn.Linear, "linear")
-        check_rank(rank, linear.out_features, linear.in_features)
-        factors = truncated_svd(linear.weight.detach(), rank, method=method)
-        layer = cls.from_factors(factors, linear.bias.detach() if linear.bias is not None else None, parametrization)
-        copy_requires_grad(linear, layer)
-        return layer
+        return cls.from_dense(linear, rank, parametrization, method)
 
-    def to_linear(self) -> nn.Linear:
+    def to_dense(self) -> nn.Linear:
         """A dense nn.Linear computing the same map (weight = U·diag(s)·Vᵀ)."""
         dense = nn.Linear(self.in_features, self.out_features, self.bias is not None, self.U.device, self.U.dtype)
         with torch.no_grad():
@@ -72,6 +85,8 @@ class FactoredLinear(FactoredModule):
                 dense.bias.copy_(self.bias)
         copy_requires_grad(self, dense)
         return dense
+
+    to_linear = to_dense
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._common_repr()}"

@@ -14,7 +14,7 @@ W_ls = W·(M + δI)·C̃⁻¹, the objective is const + ‖(Ŵ − W_ls)·R‖²
 W_ls·R = W·(M + δI)·R⁺ᵀ. With X̃ = X_d this is the independent form above.
 
 Everything is accumulated as float64 moments (fan_in × fan_in per layer), never as stored rows;
-conv inputs are unfolded into their (in·kh·kw) patches. This module runs the calibration
+conv inputs are unfolded into their (in·∏kernel) patches (each layer kind says how). This module runs the calibration
 passes; data_metric.py holds the linear algebra.
 """
 
@@ -26,19 +26,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmd_lightning.checks import check_bool, check_callable, check_int, check_number
 from lmd_lightning.layers.base import FactoredModule
-from lmd_lightning.layers.conv import reversed_padding
+from lmd_lightning.layers.registry import kind_of
 
 __all__ = [
     "Calibration",
     "DataMetric",
     "METRICS",
     "default_forward",
-    "is_conv",
+    "dense_forward",
     "layer_rows",
     "layer_weight",
     "output_rows",
@@ -108,49 +107,29 @@ class DataMetric:
         raise ValueError(f"`metric` must be one of {METRICS} or a DataMetric, got {metric!r}")
 
 
-# ---- layer inputs as rows of the (out, fan_in) matrix's input space ----
+# ---- layer inputs as rows of the (out, fan_in) matrix's input space (each kind says how) ----
 
 
-def is_conv(module: nn.Module) -> bool:
-    """Conv2d or FactoredConv2d (anything with a kernel)."""
-    return isinstance(module, nn.Conv2d) or hasattr(module, "kernel_size")
-
-
-def _conv_padded(module: nn.Module, x: Tensor) -> tuple[Tensor, Any]:
-    """The input padded as the conv pads it, and the padding left for unfold/conv2d to apply."""
-    if module.padding_mode != "zeros" or isinstance(module.padding, str):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        return F.pad(x, reversed_padding(module.padding, module.kernel_size, module.dilation), mode=mode), 0
-    return x, module.padding
+def _kind(module: nn.Module) -> type[FactoredModule]:
+    kind = kind_of(module)
+    if kind is None:
+        raise TypeError(f"{type(module).__name__} is not a layer kind lmd_lightning can factor")
+    return kind
 
 
 def layer_rows(module: nn.Module, x: Tensor) -> Tensor:
-    """The layer's input as (rows, fan_in): flattened for Linear, unfolded k×k patches for Conv2d."""
-    if not is_conv(module):
-        return x.reshape(-1, x.shape[-1])
-    if x.dim() == 3:
-        x = x.unsqueeze(0)
-    x, padding = _conv_padded(module, x)
-    patches = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # (B, in·kh·kw, L)
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    """The layer's input as (rows, fan_in): flattened for Linear, unfolded patches for convs."""
+    return _kind(module).input_rows(module, x)
 
 
 def output_rows(module: nn.Module, y: Tensor) -> Tensor:
     """The layer's output as (rows, out), in the same row order as `layer_rows` of its input."""
-    if is_conv(module):  # (B, out, H', W') → rows in unfold's (b, position) order
-        return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
-    return y.reshape(-1, y.shape[-1])
+    return _kind(module).output_rows(module, y)
 
 
 def dense_forward(module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
     """The layer's output with its weight replaced by the dense (out, fan_in) `weight`."""
-    weight = weight.to(x.dtype)
-    bias = None if module.bias is None else module.bias.to(x.dtype)
-    if not is_conv(module):
-        return F.linear(x, weight, bias)
-    x, padding = _conv_padded(module, x)
-    kernel = weight.reshape(weight.shape[0], module.in_channels, *module.kernel_size)
-    return F.conv2d(x, kernel, bias, module.stride, padding, module.dilation)
+    return _kind(module).dense_forward(module, x, weight)
 
 
 def _add_moment(total: Tensor, a: Tensor, b: Tensor) -> None:
@@ -290,4 +269,4 @@ def layer_weight(module: nn.Module) -> Tensor:
     """The (out, fan_in) matrix a layer computes, dense or factored."""
     if isinstance(module, FactoredModule):
         return module.dense_weight().detach()
-    return module.weight.detach().reshape(module.weight.shape[0], -1)
+    return _kind(module).dense_matrix(module)

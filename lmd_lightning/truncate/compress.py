@@ -20,12 +20,11 @@ from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
 from lmd_lightning.checks import check_bool, check_choice, check_module
-from lmd_lightning.layers.base import PARAMETRIZATIONS, FactoredModule, copy_requires_grad
-from lmd_lightning.layers.conv import FactoredConv2d, conv_matrix
-from lmd_lightning.layers.linear import FactoredLinear
+from lmd_lightning.layers.base import PARAMETRIZATIONS, FactoredModule
+from lmd_lightning.layers.registry import kind_of
 from lmd_lightning.layers.svd import METHODS, Factors, SVDFailedError, check_finite, singular_values, truncated_svd
 from lmd_lightning.truncate.calibration import Calibration, DataMetric, layer_weight
-from lmd_lightning.truncate.check import ModelCheckError, check_step
+from lmd_lightning.truncate.check import check_step
 from lmd_lightning.truncate.data_metric import LayerMoments, data_factors, data_spectrum
 from lmd_lightning.truncate.policies import LayerSpectrum, RankPolicy
 from lmd_lightning.truncate.report import CompressionReport, LayerReport
@@ -35,6 +34,8 @@ from lmd_lightning.truncate.targets import (
     Target,
     disable_fused_fast_paths,
     find_targets,
+    merge_unchanged_splits_,
+    split_composites_,
     swap_module,
     undo,
     undo_record,
@@ -71,15 +72,12 @@ def _start_plan(target: Target) -> _Plan:
         return _Plan(target, report)
     if isinstance(module, FactoredModule):
         out_dim, fan_in, rank = module.U.shape[0], module.V.shape[0], module.rank
-        shape = (
-            (out_dim, module.in_features)
-            if isinstance(module, FactoredLinear)
-            else (out_dim, module.in_channels, *module.kernel_size)
-        )
+        shape = tuple(module.weight_shape)
         matrix, macs = None, rank * (out_dim + fan_in)
     else:
         shape, rank = tuple(module.weight.shape), None
-        matrix = conv_matrix(module.weight.detach())  # (out, fan_in); a no-op reshape for Linear
+        kind = kind_of(module)
+        matrix = kind.dense_matrix(module)  # (out, fan_in), a view of the weight
         out_dim, fan_in = matrix.shape
         macs = out_dim * fan_in
     params = _param_count(module)
@@ -119,7 +117,8 @@ def _spectrum(plan: _Plan, needs_spectrum: bool, moments: LayerMoments | None) -
             return None
     out_dim, fan_in = (module.U.shape[0], module.V.shape[0]) if plan.matrix is None else plan.matrix.shape
     max_rank = module.rank if plan.matrix is None else min(out_dim, fan_in)
-    bias = 0 if module.bias is None else module.bias.numel()
+    bias = getattr(module, "bias", None)
+    bias = 0 if bias is None else bias.numel()
     return LayerSpectrum(report.name, (out_dim, fan_in), s, max_rank, out_dim + fan_in, report.macs_before, bias)
 
 
@@ -169,12 +168,7 @@ def _apply(model: nn.Module, plan: _Plan, parametrization: str) -> None:
         module.load_factors_(factors)  # resets any metric maps to the identity
         plan.report.params_after = _param_count(module)
         return
-    bias = None if module.bias is None else module.bias.detach()
-    if isinstance(module, nn.Conv2d):
-        new = FactoredConv2d.from_factors(factors, module, bias, parametrization)
-    else:
-        new = FactoredLinear.from_factors(factors, bias, parametrization)
-    copy_requires_grad(module, new)
+    new = kind_of(module).from_dense_factors(module, factors, parametrization)
     swap_module(model, module, new)
     plan.report.params_after = _param_count(new)
 
@@ -255,6 +249,62 @@ def _call(model: nn.Module, example: Any) -> Any:
     return model(*example) if isinstance(example, tuple) else model(example)
 
 
+def _compress(
+    model: nn.Module,
+    policy: RankPolicy,
+    *,
+    targets: tuple[Patterns, Patterns, FilterFn | None],
+    parametrization: str,
+    method: str,
+    data: tuple[DataMetric | None, Any],
+    metric_maps: bool,
+    check: Any,
+) -> tuple[list[_Plan], list[_Plan], list[str]]:
+    """Both phases of `compress_` on validated arguments; the caller undoes everything if this raises."""
+    splits = split_composites_(model)  # nn.MultiheadAttention → separate projections, same function
+    plans = [_start_plan(target) for target in find_targets(model, *targets)]
+    active = [plan for plan in plans if plan.report.reason is None]
+    for plan in active:
+        tensors = plan.target.module.parameters(recurse=False) if plan.matrix is None else [plan.matrix]
+        for tensor in tensors:
+            check_finite(tensor.detach(), plan.report.name)
+    settings, calibration = data
+    if settings is not None:
+        for plan in active:
+            if not kind_of(plan.target.module).data_metric:
+                plan.report.reason = (
+                    f"metric='data' does not apply to {plan.report.kind}: its inputs are indices, not features"
+                )
+        active = [plan for plan in active if plan.report.reason is None]
+    moments = _DataPlans(model, active, calibration, settings) if settings is not None else None
+    active = [plan for plan in active if plan.report.reason is None]
+    for plan in active:
+        layer_moments = None if moments is None else moments.independent[plan.target.module]
+        plan.spectrum = _spectrum(plan, policy.needs_spectrum, layer_moments)
+    active = [plan for plan in active if plan.spectrum is not None]
+    ranks = policy.choose([plan.spectrum for plan in active])
+    if moments is not None:
+        moments.plan_all(active, ranks, method)
+    else:
+        for plan, rank in zip(active, ranks):
+            if _changes(plan, rank):
+                _plan_factors(plan, rank, method)
+    for plan in active:
+        if plan.factors is not None:
+            _apply(model, plan, parametrization)
+    if metric_maps:  # every targeted factored layer carries maps, also one left at its rank
+        for plan in plans:
+            current = model.get_submodule(plan.target.name)
+            if isinstance(current, FactoredModule):
+                current.add_metric_maps_()
+                plan.report.params_after = _param_count(current)
+    merge_unchanged_splits_(model, splits)
+    notes = [f"fused fast path disabled in `{name}`" for name in disable_fused_fast_paths(model)]
+    if check is not None:
+        check_step(model, lambda: _call(model, check))
+    return plans, active, notes
+
+
 def compress_(
     model: nn.Module,
     policy: RankPolicy,
@@ -269,7 +319,12 @@ def compress_(
     metric_maps: bool = False,
     check: Any = None,
 ) -> CompressionReport:
-    """Truncate the model's Linear and Conv2d layers by SVD in place, with ranks from `policy`.
+    """Truncate the model's dense layers by SVD in place, with ranks from `policy`.
+
+    Layers of every registered kind are candidates: nn.Linear, nn.Conv1d, nn.Conv2d (groups=1),
+    Hugging Face Conv1D, the q/k/v/out projections of nn.MultiheadAttention (split into a
+    FactoredMultiheadAttention when any of them is factored), and nn.Embedding when `include`
+    names it. Layers sharing a parameter with another module (a tied head) stay dense.
 
     `include`/`exclude` are globs over fully-qualified module names (`"encoder.*"`);
     `filter_fn(name, module)` can veto a layer. Already-factored layers are shrunk, never grown.
@@ -286,42 +341,21 @@ def compress_(
     settings = _validate(model, policy, parametrization, method, metric, calibration)
     check_bool(metric_maps, "metric_maps")
     params_before = _param_count(model, recurse=True)
-    plans = [_start_plan(target) for target in find_targets(model, include, exclude, filter_fn)]
-    active = [plan for plan in plans if plan.report.reason is None]
-    for plan in active:
-        tensors = plan.target.module.parameters(recurse=False) if plan.matrix is None else [plan.matrix]
-        for tensor in tensors:
-            check_finite(tensor.detach(), plan.report.name)
-    data = _DataPlans(model, active, calibration, settings) if settings is not None else None
-    active = [plan for plan in active if plan.report.reason is None]
-    for plan in active:
-        moments = None if data is None else data.independent[plan.target.module]
-        plan.spectrum = _spectrum(plan, policy.needs_spectrum, moments)
-    active = [plan for plan in active if plan.spectrum is not None]
-    ranks = policy.choose([plan.spectrum for plan in active])
-    if data is not None:
-        data.plan_all(active, ranks, method)
-    else:
-        for plan, rank in zip(active, ranks):
-            if _changes(plan, rank):
-                _plan_factors(plan, rank, method)
-    record = undo_record(model) if check is not None else None
-    for plan in active:
-        if plan.factors is not None:
-            _apply(model, plan, parametrization)
-    if metric_maps:  # every targeted factored layer carries maps, also one left at its rank
-        for plan in plans:
-            current = model.get_submodule(plan.target.name)
-            if isinstance(current, FactoredModule):
-                current.add_metric_maps_()
-                plan.report.params_after = _param_count(current)
-    notes = [f"fused fast path disabled in `{name}`" for name in disable_fused_fast_paths(model)]
-    if check is not None:
-        try:
-            check_step(model, lambda: _call(model, check))
-        except ModelCheckError:
-            undo(model, record)
-            raise
+    record = undo_record(model)
+    try:
+        plans, active, notes = _compress(
+            model,
+            policy,
+            targets=(include, exclude, filter_fn),
+            parametrization=parametrization,
+            method=method,
+            data=(settings, calibration),
+            metric_maps=metric_maps,
+            check=check,
+        )
+    except BaseException:
+        undo(model, record)  # nothing half-done survives: not a failed SVD, a bad pattern or a failed check
+        raise
     spectra = {plan.report.name: plan.spectrum.s for plan in active if plan.spectrum.s is not None}
     report = CompressionReport(
         [plan.report for plan in plans], params_before, _param_count(model, recurse=True), repr(policy), notes, spectra

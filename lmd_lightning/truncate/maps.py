@@ -8,6 +8,7 @@ from torch import nn
 
 from lmd_lightning.checks import check_module
 from lmd_lightning.layers.base import FactoredModule
+from lmd_lightning.layers.registry import kind_of
 from lmd_lightning.truncate.targets import Patterns, as_patterns
 
 __all__ = ["add_metric_maps_", "fold_", "metric_map_layers"]
@@ -35,7 +36,7 @@ def add_metric_maps_(model: nn.Module, include: Patterns = None, exclude: Patter
             continue
         if isinstance(module, FactoredModule):
             chosen.append((name, module))
-        elif include_list is not None and isinstance(module, (nn.Linear, nn.Conv2d)):
+        elif include_list is not None and kind_of(module) is not None:
             raise ValueError(
                 f"metric maps need a factored layer, but `{name}` is a dense {type(module).__name__}: "
                 "compress it first (compress_ or LMDCompression), or pass compress_(..., metric_maps=True)"

@@ -14,8 +14,7 @@ from torch import Tensor, nn
 
 from lmd_lightning.checks import check_module
 from lmd_lightning.layers.base import FactoredModule
-from lmd_lightning.layers.conv import FactoredConv2d
-from lmd_lightning.layers.linear import FactoredLinear
+from lmd_lightning.layers.registry import kind_of, split_of
 from lmd_lightning.truncate.targets import disable_fused_fast_paths, swap_module
 
 __all__ = ["restore_factored_"]
@@ -27,7 +26,6 @@ def _rebuilt(module: nn.Module, prefix: str, state_dict: Mapping[str, Tensor]) -
     rank, has_bias = U.shape[1], prefix + "bias" in state_dict
     parametrization = "svd" if prefix + "s" in state_dict else "balanced"
     maps = prefix + "I_dist" in state_dict
-    like = module.U if isinstance(module, FactoredModule) else module.weight
     if isinstance(module, FactoredModule) and (
         module.rank,
         module.bias is not None,
@@ -35,45 +33,45 @@ def _rebuilt(module: nn.Module, prefix: str, state_dict: Mapping[str, Tensor]) -
         module.has_metric_maps,
     ) == (rank, has_bias, parametrization, maps):
         return None
-    kw = {"device": like.device, "dtype": like.dtype, "metric_maps": maps}
-    if isinstance(module, (nn.Linear, FactoredLinear)):
-        expected = (module.out_features, module.in_features)
+    kind = kind_of(module)
+    if isinstance(module, FactoredModule):
+        expected = (module.U.shape[0], module.V.shape[0])
     else:
-        expected = (module.out_channels, module.in_channels * module.kernel_size[0] * module.kernel_size[1])
+        expected = tuple(kind.dense_matrix(module).shape)
     if (U.shape[0], V.shape[0]) != expected or V.shape[1] != rank:
         raise ValueError(
             f"state dict entry `{prefix}U`{tuple(U.shape)} / `{prefix}V`{tuple(V.shape)} does not fit "
             f"layer `{prefix[:-1]}` with (out, fan_in) = {expected}"
         )
-    if isinstance(module, (nn.Linear, FactoredLinear)):
-        return FactoredLinear(module.in_features, module.out_features, rank, has_bias, parametrization, **kw)
-    return FactoredConv2d(
-        module.in_channels,
-        module.out_channels,
-        module.kernel_size,
-        rank,
-        module.stride,
-        module.padding,
-        module.dilation,
-        has_bias,
-        module.padding_mode,
-        parametrization,
-        **kw,
-    )
+    return kind.like(module, rank, has_bias, parametrization, metric_maps=maps)
+
+
+def _split_recorded(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Split each composite (nn.MultiheadAttention) whose entries in `state_dict` are a split module's."""
+    for name, module in list(model.named_modules()):
+        split = split_of(module)
+        if split is None:
+            continue
+        prefix = f"{name}." if name else ""
+        children = getattr(split.split_type, "split_children", ())
+        if any(key.startswith(f"{prefix}{child}.") for key in state_dict for child in children):
+            swap_module(model, module, split.build(module))
 
 
 @torch.no_grad()
 def restore_factored_(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
     """Rebuild the factored structure recorded in `state_dict` so a strict load_state_dict works.
 
-    Every `<name>.U` / `<name>.V` pair whose `<name>` is a Linear, Conv2d or factored layer in
-    `model` gets a factored layer of the checkpoint's rank and parametrization, with metric maps
-    if the checkpoint has `<name>.I_dist` (values are
-    placeholders until `load_state_dict`). Returns the names of the layers rebuilt.
+    Every `<name>.U` / `<name>.V` pair whose `<name>` is a layer of a registered kind (or a factored
+    layer) in `model` gets a factored layer of the checkpoint's rank and parametrization, with metric
+    maps if the checkpoint has `<name>.I_dist` (values are placeholders until `load_state_dict`).
+    An nn.MultiheadAttention whose entries are those of separate projections is split first.
+    Returns the names of the layers rebuilt.
     """
     check_module(model)
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"`state_dict` must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    _split_recorded(model, state_dict)
     modules = dict(model.named_modules())
     rebuilt = []
     for key in state_dict:
@@ -81,7 +79,7 @@ def restore_factored_(model: nn.Module, state_dict: Mapping[str, Tensor]) -> lis
         if not key.endswith(".U") or prefix + "V" not in state_dict:
             continue
         module = modules.get(prefix[:-1])
-        if not isinstance(module, (nn.Linear, nn.Conv2d, FactoredModule)):
+        if module is None or kind_of(module) is None:
             continue
         new = _rebuilt(module, prefix, state_dict)
         if new is not None:

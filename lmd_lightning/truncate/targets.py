@@ -1,11 +1,14 @@
 """Which layers `compress_` may touch, and the module swap itself.
 
-A candidate is an nn.Linear or nn.Conv2d (exact type) or an already-factored layer.
-Some are found but must stay dense, each with a reason:
+A candidate is a layer of a registered kind (layers/registry.py: nn.Linear, nn.Conv1d,
+nn.Conv2d, Hugging Face Conv1D, nn.Embedding; exact type) or an already-factored layer.
+nn.MultiheadAttention is first split into separate projections (`split_composites_`), which are
+then candidates like any nn.Linear. Some candidates are found but must stay dense, each with a reason:
 - layers holding a parameter that another module holds too (a head tied to the embedding);
-- children of nn.MultiheadAttention, which reads `out_proj.weight` directly;
-- subclasses of nn.Linear / nn.Conv2d, which may rely on `.weight`, unless included by exact name;
-- grouped or depthwise convs, and layers whose parameters are not materialised yet.
+- children of an nn.MultiheadAttention that could not be split, which reads `out_proj.weight` directly;
+- subclasses of a registered class, which may rely on `.weight`, unless included by exact name;
+- embeddings, unless `include` names them (opt-in kinds);
+- what the kind refuses (grouped convs, embeddings with max_norm), and lazy layers not materialised yet.
 """
 
 from __future__ import annotations
@@ -19,8 +22,20 @@ from torch.nn.parameter import UninitializedParameter
 
 from lmd_lightning.checks import check_callable
 from lmd_lightning.layers.base import FactoredModule
+from lmd_lightning.layers.registry import dense_base, is_split, kind_of, split_of
 
-__all__ = ["Target", "disable_fused_fast_paths", "find_targets", "module_names", "swap_module", "undo", "undo_record"]
+__all__ = [
+    "Target",
+    "disable_fused_fast_paths",
+    "find_targets",
+    "merge_unchanged_splits_",
+    "module_names",
+    "split_composites_",
+    "split_names",
+    "swap_module",
+    "undo",
+    "undo_record",
+]
 
 Patterns = str | Sequence[str] | None
 FilterFn = Callable[[str, nn.Module], bool]
@@ -44,27 +59,39 @@ def as_patterns(patterns: Patterns, arg: str) -> list[str] | None:
 
 
 def _is_candidate(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Conv2d, FactoredModule))
+    return kind_of(module) is not None
+
+
+def _matches(name: str, patterns: list[str] | None) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns or [])
 
 
 def _skip_reason(name: str, module: nn.Module, parent: nn.Module | None, include: list[str] | None) -> str | None:
     if isinstance(parent, nn.MultiheadAttention):
-        return "nn.MultiheadAttention reads this layer's .weight directly"
+        why = "" if type(parent) is nn.MultiheadAttention else f" (a subclass, {type(parent).__name__}, is not split)"
+        return f"nn.MultiheadAttention reads this layer's .weight directly{why}"
     if any(isinstance(p, UninitializedParameter) for p in module.parameters(recurse=False)):
         return "parameters not initialised yet (lazy module)"
     if isinstance(module, FactoredModule):
         return None
-    if type(module) not in (nn.Linear, nn.Conv2d) and name not in (include or []):
-        return f"subclass {type(module).__name__} may read .weight; include it by its exact name to compress it"
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
-        return f"grouped conv (groups={module.groups}) stays dense"
-    return None
+    base = dense_base(module)
+    if base is not None and name not in (include or []):
+        return (
+            f"subclass {type(module).__name__} of {base.__name__} may read .weight; "
+            "include it by its exact name to compress it"
+        )
+    kind = kind_of(module)
+    if kind.opt_in and not _matches(name, include):
+        return f"{type(module).__name__} is opt-in: name it in `include` to factor it"
+    return kind.dense_skip_reason(module)
 
 
 def _check_matches(patterns: list[str] | None, names: list[str], arg: str) -> None:
     for pattern in patterns or []:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-            raise ValueError(f"`{arg}` pattern {pattern!r} matches no Linear/Conv2d layer; candidates are: {names}")
+            raise ValueError(
+                f"`{arg}` pattern {pattern!r} matches no layer that can be factored; candidates are: {names}"
+            )
 
 
 def find_targets(model: nn.Module, include: Patterns, exclude: Patterns, filter_fn: FilterFn | None) -> list[Target]:
@@ -74,12 +101,12 @@ def find_targets(model: nn.Module, include: Patterns, exclude: Patterns, filter_
         check_callable(filter_fn, "filter_fn", "filter_fn(name, module) -> bool")
     if _is_candidate(model):
         raise TypeError(
-            f"`model` is itself a {type(model).__name__}; wrap it in a container or use from_linear/from_conv2d"
+            f"`model` is itself a {type(model).__name__}; wrap it in a container or use its kind's from_dense"
         )
     parents = {id(child): module for module in model.modules() for child in module.children()}
     tied = _tied_parameters(model)
     found = [(name, module) for name, module in model.named_modules() if _is_candidate(module)]
-    names = [name for name, _ in found]
+    names = list(dict.fromkeys([name for name, _ in found] + split_names(model)))
     _check_matches(include_list, names, "include")
     _check_matches(exclude_list, names, "exclude")
     targets = []
@@ -130,6 +157,49 @@ def swap_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
         setattr(model.get_submodule(parent_name), child_name, new)
 
 
+def split_names(model: nn.Module) -> list[str]:
+    """Names the children of each composite (nn.MultiheadAttention) will have once split: `attn.q_proj`, …"""
+    names = []
+    for name, module in model.named_modules():
+        split = split_of(module)
+        if split is not None:
+            prefix = f"{name}." if name else ""
+            names += [prefix + child for child in getattr(split.split_type, "factorable_children", ())]
+    return sorted(set(names))
+
+
+def split_composites_(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """Swap every composite layer (nn.MultiheadAttention) for its equivalent split module, in place.
+
+    The split computes the same function with its weights in child layers that can be factored.
+    A composite whose parameters another module holds too, or that is not materialised, stays.
+    Returns (original, split) pairs for `merge_unchanged_splits_`.
+    """
+    inside: dict[int, set[int]] = {}  # id(param) → ids of the modules holding it
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            inside.setdefault(id(param), set()).add(id(module))
+    pairs = []
+    for module in list(model.modules()):
+        split = split_of(module)
+        if split is None or any(isinstance(p, UninitializedParameter) for p in module.parameters()):
+            continue
+        own = {id(m) for m in module.modules()}
+        if any(inside[id(p)] - own for p in module.parameters()):
+            continue  # tied to something outside: splitting would untie it
+        new = split.build(module)
+        swap_module(model, module, new)
+        pairs.append((module, new))
+    return pairs
+
+
+def merge_unchanged_splits_(model: nn.Module, pairs: list[tuple[nn.Module, nn.Module]]) -> None:
+    """Put each original composite back where its split module ended with no factored layer."""
+    for original, split in pairs:
+        if not any(isinstance(m, FactoredModule) for m in split.modules()):
+            swap_module(model, split, original)
+
+
 def disable_fused_fast_paths(model: nn.Module) -> list[str]:
     """Turn off the fused inference kernels that read `linear1.weight`/`linear2.weight`.
 
@@ -145,7 +215,7 @@ def disable_fused_fast_paths(model: nn.Module) -> list[str]:
                 module.activation_relu_or_gelu = 0  # the flag the fast-path check reads
                 changed.append(name)
         if isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False):
-            if any(isinstance(m, FactoredModule) for m in module.modules()):
+            if any(isinstance(m, FactoredModule) or is_split(m) for m in module.modules()):
                 module.use_nested_tensor = False
                 changed.append(name)
     return changed
