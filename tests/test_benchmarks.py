@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import bench_quality, run
+from benchmarks import bench_quality, bench_zoo, run
 from benchmarks.common import RESULTS
 
 QUICK_FILES = {
@@ -22,6 +22,7 @@ QUICK_FILES = {
     "lmd_quick.md",
     "convergence_quick.md",
     "parametrization_quick.md",
+    "zoo_quick.md",
 }
 
 
@@ -90,3 +91,15 @@ def test_quick_lmd_table_compares_the_truncations_at_one_budget(written: set[str
     params = {name: count(cells[0]) for name, cells in table.items() if name != "variant"}
     # the same GlobalBudget(params=0.2) for every variant: each ends near 20% of the 546k targeted parameters
     assert all(100_000 < value < 125_000 for value in params.values()), params
+
+
+@pytest.mark.slow
+def test_quick_zoo_table_shows_each_model_smaller_with_its_reasons(written: set[str]) -> None:
+    table = rows("zoo_quick.md")
+    assert set(bench_zoo.QUICK) <= set(table)
+    for name in bench_zoo.QUICK:
+        before, after = (count(side) for side in table[name][0].split("→"))
+        assert after < before
+    assert table["gpt2-lm"][2] == "HFConv1D ×8" and "tied to the token embedding" in table["gpt2-lm"][3]
+    assert "MultiheadAttention" not in table["nn.Transformer"][3]  # its projections are reachable
+    assert table["conv1d-cnn"][3].startswith("grouped/depthwise conv")
