@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+import torchmetrics
 from torch import nn
 
 from lmd_lightning import FactoredConv2d, FactoredLinear, FixedRank, LMDCompression, RankRatio, compress_
@@ -184,3 +186,69 @@ def test_hf_gpt2_lm_through_the_callback_keeps_training() -> None:
     assert module.model.lm_head.weight is gpt2.wte.weight
     history = lmd.guard_record
     assert history is not None and float(t.callback_metrics["val_loss"]) < history.before
+
+
+class Seq2SeqLM(pl.LightningModule):
+    """A word-level LM on nn.Transformer whose forward takes two inputs: forward(inputs, target)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(30, 32)
+        self.transformer = nn.Transformer(32, 4, 1, 1, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(32, 30)
+        self.mean_loss = torchmetrics.MeanMetric()  # a logged metric object: calibration must leave it empty
+
+    def forward(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(target.shape[1])
+        return self.out(self.transformer(self.embed(inputs), self.embed(target), tgt_mask=mask, tgt_is_causal=True))
+
+    def training_step(self, batch, batch_idx):
+        inputs, target, labels = batch
+        loss = F.cross_entropy(self(inputs, target).flatten(0, 1), labels.flatten())
+        self.mean_loss(loss)
+        self.log("train_mean_loss", self.mean_loss, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class MetricStateAtCompression(pl.Callback):
+    """The logged metric's accumulated weight right after the callback compressed (same hook, later in the list)."""
+
+    def __init__(self, lmd: LMDCompression) -> None:
+        self.lmd, self.weight = lmd, None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.lmd.compressed_epochs and self.weight is None:
+            self.weight = float(pl_module.mean_loss.weight)
+
+
+def seq2seq_loader() -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(0)
+    inputs, target = torch.randint(0, 30, (48, 7), generator=g), torch.randint(0, 30, (48, 6), generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, target, target.roll(1, 1)), batch_size=8)
+
+
+@pytest.mark.parametrize("forward", ["training_step", "batch[0]"])
+def test_data_metric_calibrates_through_the_modules_own_training_step(forward: str) -> None:
+    """forward(inputs, target): feeding `batch[0]` to the model fails, and the callback used to train on dense."""
+    from lmd_lightning import DataMetric
+    from lmd_lightning.truncate.calibration import default_forward
+
+    pl.seed_everything(0, verbose=False)
+    metric = DataMetric(batches=2) if forward == "training_step" else DataMetric(batches=2, forward=default_forward)
+    lmd = LMDCompression(RankRatio(0.25), trigger="epoch", min_epochs=1, metric=metric)
+    probe = MetricStateAtCompression(lmd)
+    module = Seq2SeqLM()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the failing variant warns that it trains dense
+        trainer(2, [lmd, probe]).fit(module, seq2seq_loader())
+    if forward == "batch[0]":
+        assert lmd.compressed_epochs == [] and "forward()" in lmd.failure
+        return
+    assert lmd.failure is None and lmd.compressed_epochs == [1]
+    attention = module.transformer.decoder.layers[0].multihead_attn
+    assert isinstance(attention.q_proj, FactoredLinear) and isinstance(module.out, FactoredLinear)
+    assert probe.weight == 0.0  # the calibration batches left no trace in the logged metric

@@ -17,14 +17,14 @@ import importlib
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
-from lmd_lightning.truncate.calibration import Calibration, DataMetric
+from lmd_lightning.truncate.calibration import Calibration, DataMetric, default_forward
 from lmd_lightning.truncate.check import check_step
 
 __all__ = [
@@ -198,6 +198,27 @@ def _logging_to(pl_module: pl.LightningModule, log: Any, log_dict: Any) -> Itera
         del pl_module.log, pl_module.log_dict
 
 
+@contextmanager
+def _silenced(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Logging held back for steps that are not part of training (the check step, calibration).
+
+    Metric objects logged in the meantime (torchmetrics) are reset at the end, so that the batches
+    seen here leave no trace in the epoch's values.
+    """
+    stateful: dict[int, Any] = {}
+
+    def hold(name: Any, value: Any = None, *args: Any, **kwargs: Any) -> None:
+        values = name.values() if isinstance(name, Mapping) else [value]
+        stateful.update({id(v): v for v in values if hasattr(v, "compute") and hasattr(v, "reset")})
+
+    try:
+        with _logging_to(pl_module, hold, hold):
+            yield
+    finally:
+        for metric in stateful.values():
+            metric.reset()
+
+
 @torch.no_grad()
 def evaluate(trainer: pl.Trainer, pl_module: pl.LightningModule, metric: str, max_batches: int) -> float:
     """Mean of `metric` as the user's `validation_step` logs it, over at most `max_batches` per loader.
@@ -291,7 +312,7 @@ def check_training_step(trainer: pl.Trainer, pl_module: pl.LightningModule) -> N
     error: Exception | None = None
     try:
         (batch,) = _training_batches(trainer, 1)
-        with _logging_to(pl_module, lambda *a, **k: None, lambda *a, **k: None):
+        with _silenced(pl_module):
             check_step(pl_module, step)
     except Exception as err:  # caught here so that every process reaches the decision below
         error = err
@@ -302,15 +323,42 @@ def check_training_step(trainer: pl.Trainer, pl_module: pl.LightningModule) -> N
         raise RuntimeError("the compressed model fails a training step on another process")
 
 
+def _step_forward(pl_module: pl.LightningModule) -> Any:
+    """`forward(model, batch)` for calibration: the module's own `training_step` (`calibration` holds logging back).
+
+    The step knows its batch's structure (several tensors, dicts, HF BatchEncoding) and how its
+    forward is called (`forward(inputs, target)`), so calibration needs no `DataMetric(forward=...)`.
+    Under manual optimization the step also steps optimizers, so there the batch's first item is
+    fed to the model as before (`default_forward`).
+    """
+    if not pl_module.automatic_optimization:
+        return default_forward
+
+    def forward(_model: Any, batch: Any) -> None:
+        pl_module.training_step(batch, 0)
+
+    return forward
+
+
 def calibration(trainer: pl.Trainer, settings: DataMetric) -> Calibration:
     """The first `settings.batches` training batches (all of them for None), moved to the device, as a Calibration run.
 
-    Forward passes run under the trainer's precision context; moments are summed over DDP
-    processes so that every process computes the same factors.
+    Without `settings.forward` each batch runs through the module's own `training_step` (in eval
+    mode, without gradients, logging held back). Forward passes run under the trainer's precision
+    context; moments are summed over DDP processes so that every process computes the same factors.
     """
+    pl_module = trainer.lightning_module
+    if settings.forward is None:
+        settings = replace(settings, forward=_step_forward(pl_module))
+
+    @contextmanager
+    def context() -> Iterator[None]:
+        with trainer.precision_plugin.forward_context(), _silenced(pl_module):
+            yield
+
     return Calibration(
         _training_batches(trainer, settings.batches),
         settings,
         reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"),
-        context=trainer.precision_plugin.forward_context,
+        context=context,
     )

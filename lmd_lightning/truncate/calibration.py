@@ -75,7 +75,8 @@ class DataMetric:
         sequential: fit layers in forward order on the inputs of the already-truncated layers
             before them (error-compensating, LMD.md section 5); False calibrates each layer on
             the dense model's inputs independently.
-        forward: `forward(model, batch)` runs one batch; default `default_forward`.
+        forward: `forward(model, batch)` runs one batch. Default: in the callback, the module's own
+            `training_step`; in `compress_`, `default_forward`.
 
     Policies see the spectrum of W·R with R from the dense model's inputs, so `EnergyRank` keeps a
     share of the layer's output energy on the data and `ErrorBound` bounds its relative output
