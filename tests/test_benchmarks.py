@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import bench_quality, bench_zoo, run
+from benchmarks import bench_charlm, bench_quality, bench_zoo, run
 from benchmarks.common import RESULTS
 
 QUICK_FILES = {
@@ -23,6 +23,8 @@ QUICK_FILES = {
     "convergence_quick.md",
     "parametrization_quick.md",
     "zoo_quick.md",
+    "attention_speed_quick.md",
+    "charlm_quick.md",
 }
 
 
@@ -103,3 +105,18 @@ def test_quick_zoo_table_shows_each_model_smaller_with_its_reasons(written: set[
     assert table["gpt2-lm"][2] == "HFConv1D ×8" and "tied to the token embedding" in table["gpt2-lm"][3]
     assert "MultiheadAttention" not in table["nn.Transformer"][3]  # its projections are reachable
     assert table["conv1d-cnn"][3].startswith("grouped/depthwise conv")
+
+
+@pytest.mark.slow
+def test_quick_attention_and_charlm_tables_have_every_contender(written: set[str]) -> None:
+    attention = (RESULTS / "attention_speed_quick.md").read_text()
+    for name in ("nn.MultiheadAttention", "split, dense projections", "rank d/4 = 64", "rank d/8 = 32"):
+        assert f"| 256 | {name}" in attention or f"| 256 | factored, {name}" in attention, name
+    params = {
+        line.split("|")[2].strip(): count(line.split("|")[3]) for line in attention.splitlines() if "| 256 |" in line
+    }
+    assert params["nn.MultiheadAttention"] == params["split, dense projections"] == 4 * 256 * 256 + 4 * 256
+    assert params["factored, rank d/8 = 32"] < params["factored, rank d/4 = 64"] < params["nn.MultiheadAttention"]
+    charlm = rows("charlm_quick.md")
+    assert set(bench_charlm.CONTENDERS) <= set(charlm)
+    assert count(charlm["callback, GlobalBudget(params=0.3)"][0]) < count(charlm["dense"][0])

@@ -12,7 +12,15 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-from lmd_lightning import FactoredConv2d, FactoredLinear, FixedRank, LMDCompression, RankRatio, compress_
+from lmd_lightning import (
+    FactoredConv2d,
+    FactoredLinear,
+    FixedRank,
+    LMDCompression,
+    RankRatio,
+    compress_,
+    restore_factored_,
+)
 from tests.lightning_models import trainer
 
 
@@ -252,3 +260,76 @@ def test_data_metric_calibrates_through_the_modules_own_training_step(forward: s
     attention = module.transformer.decoder.layers[0].multihead_attn
     assert isinstance(attention.q_proj, FactoredLinear) and isinstance(module.out, FactoredLinear)
     assert probe.weight == 0.0  # the calibration batches left no trace in the logged metric
+
+
+def test_joint_factoring_shares_one_set_of_factors_between_a_head_and_its_embedding() -> None:
+    torch.manual_seed(0)
+    model, by_hand = TiedLM(), TiedLM()
+    with torch.no_grad():  # a table and a body of rank 4: rank-4 factors are exact
+        model.embed.weight.copy_(torch.randn(100, 4) @ torch.randn(4, 32))
+        model.body.weight.copy_(torch.randn(32, 4) @ torch.randn(4, 32) / 8)
+    by_hand.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 100, (3, 7))
+    with torch.no_grad():
+        expected = model(tokens)
+    report = compress_(model, FixedRank(4), tied="joint")
+    embed, head = model.embed, model.head
+    assert type(embed).__name__ == "FactoredEmbedding" and isinstance(head, FactoredLinear)
+    assert head.U is embed.U and head.V is embed.V and head.rank == embed.rank == 4
+    assert "`head` shares the factors of `embed` (tied='joint')" in report.notes
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), expected, rtol=1e-4, atol=1e-4)  # float32 outputs of size ~10
+    excluded = compress_(by_hand, FixedRank(4), exclude="head")
+    assert report.model_params_after == excluded.model_params_after - 100 * 32 + 4 * (100 + 32)
+    # a training step trains the shared factors from both uses, and the tie survives it
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(tokens).square().mean().backward()
+    opt.step()
+    assert model.head.U is model.embed.U
+    # shrinking again keeps them shared
+    compress_(model, FixedRank(2), tied="joint")
+    assert model.head.U is model.embed.U and model.head.rank == 2
+    # a checkpoint restores into a fresh model with the tie
+    fresh = TiedLM()
+    restore_factored_(fresh, model.state_dict())
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert fresh.head.U is fresh.embed.U and fresh.head.V is fresh.embed.V
+    torch.testing.assert_close(fresh(tokens), model(tokens), rtol=0, atol=0)
+
+
+def test_joint_factoring_of_hf_gpt2_and_where_it_does_not_apply() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=1000, n_positions=64)
+    torch.manual_seed(0)
+    model, default = transformers.GPT2LMHeadModel(config), transformers.GPT2LMHeadModel(config)
+    default.load_state_dict(model.state_dict())
+    joint = compress_(model, RankRatio(0.25), tied="joint")
+    dense_tie = compress_(default, RankRatio(0.25))
+    assert model.lm_head.U is model.transformer.wte.U and joint.model_params_after < dense_tie.model_params_after
+    model(torch.randint(0, 1000, (2, 8)), labels=torch.randint(0, 1000, (2, 8))).loss.backward()
+    with pytest.raises(ValueError, match="`metric_maps=True` cannot be combined with tied='joint'"):
+        compress_(TiedLM(), FixedRank(2), tied="joint", metric_maps=True)
+    with pytest.raises(ValueError, match=r"`tied` must be one of \('dense', 'joint'\), got 'share'"):
+        compress_(TiedLM(), FixedRank(2), tied="share")
+    lm = TiedLM()  # the data metric does not apply to embeddings: the pair stays dense, and says why
+    report = compress_(lm, FixedRank(2), tied="joint", metric="data", calibration=[torch.randint(0, 100, (4, 5))])
+    reasons = {layer.name: layer.reason for layer in report.layers}
+    assert isinstance(lm.head, nn.Linear) and lm.head.weight is lm.embed.weight
+    assert reasons["head"] == (
+        "tied to `embed`, which stays as it is: "
+        "metric='data' does not apply to Embedding: its inputs are indices, not features"
+    )
+
+
+def test_joint_factoring_from_the_callback_and_metric_maps_refused() -> None:
+    from lmd_lightning import add_metric_maps_
+
+    with pytest.raises(ValueError, match="`metric_maps=True` cannot be combined with tied='joint'"):
+        LMDCompression(FixedRank(2), tied="joint", metric_maps=True)
+    with pytest.raises(ValueError, match=r"`tied` must be one of \('dense', 'joint'\), got 'yes'"):
+        LMDCompression(FixedRank(2), tied="yes")
+    model = TiedLM()
+    compress_(model, FixedRank(4), tied="joint")
+    with pytest.raises(ValueError, match="`embed` shares its factors with `head` \\(tied='joint'\\)"):
+        add_metric_maps_(model)
+    assert not model.embed.has_metric_maps and model.head.U is model.embed.U

@@ -26,10 +26,10 @@ from lmd_lightning.layers.registry import split_of
 from lmd_lightning.lmd.regularize import Regularizer
 from lmd_lightning.monitors import ConvergenceMonitor, StableRankMonitor
 from lmd_lightning.truncate.calibration import DataMetric, layer_weight
-from lmd_lightning.truncate.compress import compress_
+from lmd_lightning.truncate.compress import JOINT_WITH_MAPS, compress_
 from lmd_lightning.truncate.policies import RankPolicy
 from lmd_lightning.truncate.report import CompressionReport
-from lmd_lightning.truncate.targets import FilterFn, Patterns, find_targets, undo, undo_record
+from lmd_lightning.truncate.targets import TIED, FilterFn, Patterns, find_targets, undo, undo_record
 
 __all__ = ["LMDCompression", "LMDCompressionBase"]
 
@@ -47,6 +47,8 @@ class LMDCompressionBase(_Hooks):
             one round only), "epoch" (compress exactly at `min_epochs`, Pufferfish), or a configured
             ConvergenceMonitor / StableRankMonitor.
         include / exclude / filter_fn: which layers, as in `compress_`.
+        tied: "dense" keeps a head tied to its embedding dense and tied; "joint" factors the pair
+            with one shared set of factors, as in `compress_` (not with `metric_maps`).
         rounds: compress iteratively, `policy.for_round(k, rounds)` in round k.
         min_epochs: dense epochs before compression may happen.
         max_epochs: the epoch at which compression is forced; None: two thirds of the Trainer's.
@@ -94,6 +96,7 @@ class LMDCompressionBase(_Hooks):
         monitor: str | None = None,
         mode: str = "max",
         guard: Guard | None = None,
+        tied: str = "dense",
         **deprecated: Any,
     ) -> None:
         unknown = sorted(set(deprecated) - set(GUARD_KEYWORDS))
@@ -105,6 +108,9 @@ class LMDCompressionBase(_Hooks):
         check_rounds(policy, self._watch.kind == "stable_rank", rounds, min_epochs, max_epochs)
         check_choice(parametrization, "parametrization", PARAMETRIZATIONS)
         check_choice(method, "method", METHODS)
+        check_choice(tied, "tied", TIED)
+        if tied == "joint" and metric_maps:
+            raise ValueError(JOINT_WITH_MAPS)
         self.lmd = LMDOptions(metric, metric_maps, regularizer, fold_maps)
         self._guarding = GuardRun(monitor, mode, guard_from_keywords(guard, deprecated, monitor))
 
@@ -113,7 +119,7 @@ class LMDCompressionBase(_Hooks):
         self.data_metric, self.metric_maps = self.lmd.data_metric, metric_maps
         self.regularizer, self.fold_maps = self.lmd.regularizer, fold_maps
         self.policy, self.rounds = policy, rounds
-        self.include, self.exclude, self.filter_fn = include, exclude, filter_fn
+        self.include, self.exclude, self.filter_fn, self.tied = include, exclude, filter_fn, tied
         self.min_epochs, self.max_epochs, self.every_n_steps = min_epochs, max_epochs, every_n_steps
         self.per_layer_norms, self.parametrization, self.method = per_layer_norms, parametrization, method
 
@@ -341,6 +347,7 @@ class LMDCompressionBase(_Hooks):
             include=self.include,
             exclude=self.exclude,
             filter_fn=self.filter_fn,
+            tied=self.tied,
             parametrization=self.parametrization,
             method=self.method,
             **self.lmd.compress_kwargs(),

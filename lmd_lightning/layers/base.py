@@ -316,6 +316,30 @@ class FactoredModule(nn.Module):
         bias = getattr(module, "bias", None)
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
+    @torch.no_grad()
+    def share_factors_(self, source: FactoredModule) -> FactoredModule:
+        """Hold `source`'s factor Parameters themselves (U, V, s), not copies: one set of factors for both.
+
+        Same (out, fan_in) and parametrization required; the rank becomes `source`'s.
+        For a head tied to its embedding (joint factoring): both compute with the same U·diag(s)·Vᵀ
+        and train it together. Layers with metric maps cannot share (their maps would be separate).
+        """
+        if not isinstance(source, FactoredModule):
+            raise TypeError(f"`source` must be a factored layer, got {type(source).__name__}")
+        layout = (self.U.shape[0], self.V.shape[0], self.parametrization)
+        if layout != (source.U.shape[0], source.V.shape[0], source.parametrization):
+            raise ValueError(
+                f"cannot share factors of (out, fan_in) = {tuple(source.U.shape[:1] + source.V.shape[:1])} "
+                f"({source.parametrization}) with a layer of {tuple(self.U.shape[:1] + self.V.shape[:1])} "
+                f"({self.parametrization})"
+            )
+        if self.has_metric_maps or source.has_metric_maps:
+            raise ValueError("layers with metric maps cannot share factors: fold the maps first (fold_)")
+        self.U, self.V = source.U, source.V
+        if source.s is not None:
+            self.s = source.s
+        return self
+
     def _common_repr(self) -> str:
         maps = ", metric_maps=True" if self.has_metric_maps else ""
         return f"rank={self.rank}, bias={self.bias is not None}, parametrization={self.parametrization}{maps}"

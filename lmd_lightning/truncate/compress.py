@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
 from lmd_lightning.checks import check_bool, check_choice, check_module
-from lmd_lightning.layers.base import PARAMETRIZATIONS, FactoredModule
+from lmd_lightning.layers.base import PARAMETRIZATIONS, FactoredModule, copy_requires_grad
 from lmd_lightning.layers.registry import kind_of
 from lmd_lightning.layers.svd import METHODS, Factors, SVDFailedError, check_finite, singular_values, truncated_svd
 from lmd_lightning.truncate.calibration import Calibration, DataMetric, layer_weight
@@ -29,6 +29,7 @@ from lmd_lightning.truncate.data_metric import LayerMoments, data_factors, data_
 from lmd_lightning.truncate.policies import LayerSpectrum, RankPolicy
 from lmd_lightning.truncate.report import CompressionReport, LayerReport
 from lmd_lightning.truncate.targets import (
+    TIED,
     FilterFn,
     Patterns,
     Target,
@@ -41,7 +42,12 @@ from lmd_lightning.truncate.targets import (
     undo_record,
 )
 
-__all__ = ["compress_"]
+__all__ = ["JOINT_WITH_MAPS", "compress_"]
+
+JOINT_WITH_MAPS = (
+    "`metric_maps=True` cannot be combined with tied='joint': a head and its embedding share one set "
+    "of factors, and separate metric maps would untie them"
+)
 
 log = logging.getLogger("lmd_lightning")
 
@@ -53,6 +59,7 @@ class _Plan:
     target: Target
     report: LayerReport
     matrix: Tensor | None = None  # (out, fan_in), dense layers only
+    followers: list[LayerReport] = field(default_factory=list)  # heads sharing this layer's factors
     spectrum: LayerSpectrum | None = None
     factors: Factors | None = None
 
@@ -94,7 +101,13 @@ def _start_plan(target: Target) -> _Plan:
         macs_after=macs,
         reason=target.skip_reason,
     )
-    return _Plan(target, report, matrix)
+    plan = _Plan(target, report, matrix)
+    for follower in target.followers:
+        head = _start_plan(Target(follower.name, follower.module)).report
+        bias = getattr(follower.module, "bias", None)
+        head.params_before = head.params_after = 0 if bias is None else bias.numel()  # table: at the embedding
+        plan.followers.append(head)
+    return plan
 
 
 def _spectrum(plan: _Plan, needs_spectrum: bool, moments: LayerMoments | None) -> LayerSpectrum | None:
@@ -166,11 +179,29 @@ def _apply(model: nn.Module, plan: _Plan, parametrization: str) -> None:
     module, factors = plan.target.module, plan.factors
     if isinstance(module, FactoredModule):
         module.load_factors_(factors)  # resets any metric maps to the identity
-        plan.report.params_after = _param_count(module)
-        return
-    new = kind_of(module).from_dense_factors(module, factors, parametrization)
-    swap_module(model, module, new)
+        new = module
+    else:
+        new = kind_of(module).from_dense_factors(module, factors, parametrization)
+        swap_module(model, module, new)
     plan.report.params_after = _param_count(new)
+    for follower, report in zip(plan.target.followers, plan.followers):
+        _share(model, follower.module, new, report, plan.report)
+
+
+def _share(model: nn.Module, head: nn.Module, source: FactoredModule, report: LayerReport, joint: LayerReport) -> None:
+    """Make a tied head compute with `source`'s factors (tied="joint"): swapped in, or re-shared after a shrink."""
+    if not isinstance(head, FactoredModule):
+        shared = kind_of(head).like(head, source.rank, head.bias is not None, source.parametrization)
+        with torch.no_grad():
+            if head.bias is not None:
+                shared.bias.copy_(head.bias)
+        copy_requires_grad(head, shared)
+        swap_module(model, head, shared)
+        head = shared
+    head.share_factors_(source)
+    report.rank, report.method = joint.rank, joint.method
+    report.relative_error, report.energy = joint.relative_error, joint.energy
+    report.macs_after = joint.macs_after
 
 
 def _validate(
@@ -253,7 +284,7 @@ def _compress(
     model: nn.Module,
     policy: RankPolicy,
     *,
-    targets: tuple[Patterns, Patterns, FilterFn | None],
+    targets: tuple[Patterns, Patterns, FilterFn | None, str],
     parametrization: str,
     method: str,
     data: tuple[DataMetric | None, Any],
@@ -300,6 +331,12 @@ def _compress(
                 plan.report.params_after = _param_count(current)
     merge_unchanged_splits_(model, splits)
     notes = [f"fused fast path disabled in `{name}`" for name in disable_fused_fast_paths(model)]
+    for plan in plans:
+        for head in plan.followers:
+            if isinstance(model.get_submodule(head.name), FactoredModule):
+                notes.append(f"`{head.name}` shares the factors of `{plan.report.name}` (tied='joint')")
+            else:
+                head.reason = f"tied to `{plan.report.name}`, which stays as it is: {plan.report.reason}"
     if check is not None:
         check_step(model, lambda: _call(model, check))
     return plans, active, notes
@@ -318,6 +355,7 @@ def compress_(
     calibration: Iterable[Any] | None = None,
     metric_maps: bool = False,
     check: Any = None,
+    tied: str = "dense",
 ) -> CompressionReport:
     """Truncate the model's dense layers by SVD in place, with ranks from `policy`.
 
@@ -336,17 +374,24 @@ def compress_(
     `check`: an example input (a tensor, a tuple of positional arguments or a dict of keywords).
     After the swap the model runs one forward and backward on it, leaving no trace; if that raises,
     every layer goes back as it was and ModelCheckError names the failing module.
+    `tied`: a layer sharing its weight with another (a head tied to the token embedding) stays
+    dense with "dense" (the default); with "joint" an embedding and its tied heads are factored
+    together, sharing one set of factors U·diag(s)·Vᵀ (exact: the head computes x·Wᵀ, the
+    embedding looks rows of W up), with the embedding's rank. Not with `metric_maps`.
     Returns a CompressionReport; every layer left dense carries its reason.
     """
     settings = _validate(model, policy, parametrization, method, metric, calibration)
     check_bool(metric_maps, "metric_maps")
+    check_choice(tied, "tied", TIED)
+    if tied == "joint" and metric_maps:
+        raise ValueError(JOINT_WITH_MAPS)
     params_before = _param_count(model, recurse=True)
     record = undo_record(model)
     try:
         plans, active, notes = _compress(
             model,
             policy,
-            targets=(include, exclude, filter_fn),
+            targets=(include, exclude, filter_fn, tied),
             parametrization=parametrization,
             method=method,
             data=(settings, calibration),
@@ -358,7 +403,12 @@ def compress_(
         raise
     spectra = {plan.report.name: plan.spectrum.s for plan in active if plan.spectrum.s is not None}
     report = CompressionReport(
-        [plan.report for plan in plans], params_before, _param_count(model, recurse=True), repr(policy), notes, spectra
+        [report for plan in plans for report in (plan.report, *plan.followers)],
+        params_before,
+        _param_count(model, recurse=True),
+        repr(policy),
+        notes,
+        spectra,
     )
     for layer in report.dense:
         log.info("lmd_lightning: `%s` unchanged: %s", layer.name, layer.reason)

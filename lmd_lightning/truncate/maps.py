@@ -43,6 +43,16 @@ def add_metric_maps_(model: nn.Module, include: Patterns = None, exclude: Patter
             )
     if not chosen:
         raise ValueError("`add_metric_maps_` found no factored layer: compress the model first")
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FactoredModule):
+            holders.setdefault(id(module.U), []).append(name)
+    for name, module in chosen:
+        others = [other for other in holders[id(module.U)] if other != name]
+        if others:
+            raise ValueError(
+                f"`{name}` shares its factors with `{others[0]}` (tied='joint'): separate metric maps would untie them"
+            )
     for _, module in chosen:
         module.add_metric_maps_()
     return [name for name, _ in chosen]

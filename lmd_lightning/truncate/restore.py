@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from lmd_lightning.checks import check_module
 from lmd_lightning.layers.base import FactoredModule
 from lmd_lightning.layers.registry import kind_of, split_of
-from lmd_lightning.truncate.targets import disable_fused_fast_paths, swap_module
+from lmd_lightning.truncate.targets import disable_fused_fast_paths, joint_pairs, swap_module
 
 __all__ = ["restore_factored_"]
 
@@ -65,13 +65,15 @@ def restore_factored_(model: nn.Module, state_dict: Mapping[str, Tensor]) -> lis
     Every `<name>.U` / `<name>.V` pair whose `<name>` is a layer of a registered kind (or a factored
     layer) in `model` gets a factored layer of the checkpoint's rank and parametrization, with metric
     maps if the checkpoint has `<name>.I_dist` (values are placeholders until `load_state_dict`).
-    An nn.MultiheadAttention whose entries are those of separate projections is split first.
+    An nn.MultiheadAttention whose entries are those of separate projections is split first; heads
+    tied to their embedding that the checkpoint holds factored share the embedding's factors again.
     Returns the names of the layers rebuilt.
     """
     check_module(model)
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"`state_dict` must be a mapping of names to tensors, got {type(state_dict).__name__}")
     _split_recorded(model, state_dict)
+    pairs = joint_pairs(model)  # ties as the fresh model has them, before anything is rebuilt
     modules = dict(model.named_modules())
     rebuilt = []
     for key in state_dict:
@@ -85,5 +87,9 @@ def restore_factored_(model: nn.Module, state_dict: Mapping[str, Tensor]) -> lis
         if new is not None:
             swap_module(model, module, new)
             rebuilt.append(prefix[:-1])
+    for embedding, heads in pairs:  # factored jointly (tied="joint"): share one set of factors again
+        if embedding in rebuilt and all(head in rebuilt for head in heads):
+            for head in heads:
+                model.get_submodule(head).share_factors_(model.get_submodule(embedding))
     disable_fused_fast_paths(model)
     return rebuilt

@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
-from lmd_lightning.checks import check_callable
+from lmd_lightning.checks import check_callable, check_choice
 from lmd_lightning.layers.base import FactoredModule
+from lmd_lightning.layers.embedding import FactoredEmbedding
+from lmd_lightning.layers.linear import FactoredLinear
 from lmd_lightning.layers.registry import dense_base, is_split, kind_of, split_of
 
 __all__ = [
+    "TIED",
     "Target",
     "disable_fused_fast_paths",
     "find_targets",
+    "joint_pairs",
     "merge_unchanged_splits_",
     "module_names",
     "split_composites_",
@@ -41,11 +45,15 @@ Patterns = str | Sequence[str] | None
 FilterFn = Callable[[str, nn.Module], bool]
 
 
+TIED = ("dense", "joint")
+
+
 @dataclass
 class Target:
     name: str
     module: nn.Module
     skip_reason: str | None = None
+    followers: list[Target] = field(default_factory=list)  # heads that share this layer's factors (tied="joint")
 
 
 def as_patterns(patterns: Patterns, arg: str) -> list[str] | None:
@@ -94,17 +102,24 @@ def _check_matches(patterns: list[str] | None, names: list[str], arg: str) -> No
             )
 
 
-def find_targets(model: nn.Module, include: Patterns, exclude: Patterns, filter_fn: FilterFn | None) -> list[Target]:
-    """Candidate layers that pass `include`, `exclude` and `filter_fn`, each with its skip reason."""
+def find_targets(
+    model: nn.Module, include: Patterns, exclude: Patterns, filter_fn: FilterFn | None, tied: str = "dense"
+) -> list[Target]:
+    """Candidate layers that pass `include`, `exclude` and `filter_fn`, each with its skip reason.
+
+    `tied="joint"`: an embedding and the heads tied to it become one target, the embedding, with
+    the heads as its followers, when every head is selected and the embedding is not excluded.
+    """
     include_list, exclude_list = as_patterns(include, "include"), as_patterns(exclude, "exclude")
     if filter_fn is not None:
         check_callable(filter_fn, "filter_fn", "filter_fn(name, module) -> bool")
+    check_choice(tied, "tied", TIED)
     if _is_candidate(model):
         raise TypeError(
             f"`model` is itself a {type(model).__name__}; wrap it in a container or use its kind's from_dense"
         )
     parents = {id(child): module for module in model.modules() for child in module.children()}
-    tied = _tied_parameters(model)
+    ties = _tied_parameters(model)
     found = [(name, module) for name, module in model.named_modules() if _is_candidate(module)]
     names = list(dict.fromkeys([name for name, _ in found] + split_names(model)))
     _check_matches(include_list, names, "include")
@@ -117,8 +132,49 @@ def find_targets(model: nn.Module, include: Patterns, exclude: Patterns, filter_
             continue
         if filter_fn is not None and not filter_fn(name, module):
             continue
-        reason = tied.get(id(module)) or _skip_reason(name, module, parents.get(id(module)), include_list)
+        reason = ties.get(id(module)) or _skip_reason(name, module, parents.get(id(module)), include_list)
         targets.append(Target(name, module, reason))
+    if tied == "joint":
+        targets = _join_tied(model, targets, exclude_list)
+    return targets
+
+
+def joint_pairs(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """(embedding, [heads]) name groups whose heads hold the embedding's table: one set of factors can serve all.
+
+    Dense: an nn.Embedding and nn.Linear heads sharing its `weight`, (vocab, d) for all of them.
+    Factored: a FactoredEmbedding and FactoredLinear heads sharing its U and V.
+    """
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), []).append((name, module))
+    pairs, seen = [], set()
+    for owners in holders.values():
+        key = frozenset(id(module) for _, module in owners)
+        if len(key) < 2 or key in seen:
+            continue
+        seen.add(key)
+        embeddings = [name for name, m in owners if type(m) in (nn.Embedding, FactoredEmbedding)]
+        heads = [name for name, m in owners if type(m) in (nn.Linear, FactoredLinear)]
+        if len(embeddings) == 1 and len(heads) == len(owners) - 1:
+            pairs.append((embeddings[0], heads))
+    return pairs
+
+
+def _join_tied(model: nn.Module, targets: list[Target], exclude: list[str] | None) -> list[Target]:
+    by_name = {target.name: target for target in targets}
+    for embedding, heads in joint_pairs(model):
+        if any(head not in by_name for head in heads) or _matches(embedding, exclude):
+            continue  # a head not selected, or the embedding excluded: the pair stays as it is
+        module = model.get_submodule(embedding)
+        reason = None if isinstance(module, FactoredModule) else kind_of(module).dense_skip_reason(module)
+        followers = [Target(head, by_name[head].module) for head in heads]
+        joint = Target(embedding, module, reason, followers)
+        first = min(targets.index(by_name[name]) for name in [*heads, embedding] if name in by_name)
+        targets = [t for t in targets if t.name not in {embedding, *heads}]
+        targets.insert(min(first, len(targets)), joint)
+        by_name = {target.name: target for target in targets}
     return targets
 
 
