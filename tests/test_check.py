@@ -55,6 +55,30 @@ def test_compress_check_names_the_innermost_module_and_passes_a_good_model() -> 
     assert all(p.grad is None for p in good.parameters())  # the check's backward left no gradient behind
 
 
+class FailsInBackward(torch.autograd.Function):
+    """Identity forward, error in backward: only a check that really backpropagates sees it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward of the factored path failed")
+
+
+def test_compress_check_runs_the_backward_too(monkeypatch) -> None:
+    """The check must backpropagate: a failure that only the backward meets is caught, and undone."""
+    from lmd_lightning.layers import FactoredLinear as Factored
+
+    original = Factored.forward
+    monkeypatch.setattr(Factored, "forward", lambda self, x: FailsInBackward.apply(original(self, x)))
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    with pytest.raises(ModelCheckError, match="backward of the factored path failed"):
+        compress_(model, FixedRank(2), check=torch.randn(4, 16))
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+
+
 def test_check_step_leaves_gradients_buffers_and_random_state_alone() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
     model[0].weight.grad = torch.ones(4, 4)

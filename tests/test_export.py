@@ -330,3 +330,30 @@ def test_export_fold_must_be_a_bool(tmp_path: Path) -> None:
     model, x, _ = compressed("mlp")
     with pytest.raises(TypeError, match="`fold` must be a bool, got 'no'"):
         export_model(model, tmp_path / "m.pt2", "exported_program", x, fold="no")
+
+
+def test_exported_program_of_factored_attention_and_a_joint_tie(tmp_path) -> None:
+    """torch.export of a split nn.MultiheadAttention, and of a head sharing its embedding's factors."""
+    from lmd_lightning import FixedRank, compress_
+    from lmd_lightning.cli.exporter import export_model
+    from lmd_lightning.layers import FactoredMultiheadAttention
+
+    class TiedEncoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 32)
+            layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 1)
+            self.head = nn.Linear(32, 50, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.head(self.encoder(self.embed(tokens)))
+
+    torch.manual_seed(0)
+    model = TiedEncoder()
+    compress_(model, FixedRank(8), tied="joint")
+    assert isinstance(model.encoder.layers[0].self_attn, FactoredMultiheadAttention)
+    assert model.head.U is model.embed.U
+    result = export_model(model, tmp_path / "tied.pt2", "exported_program", torch.randint(0, 50, (2, 6)))
+    assert result.verified and result.params == sum(p.numel() for p in model.parameters())

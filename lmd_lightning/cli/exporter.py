@@ -184,11 +184,14 @@ def _folded(model: nn.Module) -> tuple[nn.Module, int]:
 
 
 def _flatten(output: Any) -> list[Tensor]:
+    """The output's tensors in order: a tensor, tuples/lists and mappings (Hugging Face ModelOutput) of them."""
     if isinstance(output, Tensor):
         return [output]
     if isinstance(output, (tuple, list)):
         return [tensor for item in output for tensor in _flatten(item)]
-    raise TypeError(f"the model's output must be a Tensor or a tuple/list of them, got {type(output).__name__}")
+    if isinstance(output, Mapping):
+        return [tensor for item in output.values() if item is not None for tensor in _flatten(item)]
+    raise TypeError(f"the model's output must be a Tensor or a tuple/list/mapping of them, got {type(output).__name__}")
 
 
 def _verify(check: _Check, expected: list[Tensor], atol: float, rtol: float) -> float | None:
@@ -210,13 +213,20 @@ def _verify(check: _Check, expected: list[Tensor], atol: float, rtol: float) -> 
 
 
 def _check_same_parameters(stored: Mapping[str, torch.Size], model: nn.Module) -> int:
-    """The artefact must hold the factored model's parameters, name for name and shape for shape."""
+    """The artefact must hold the factored model's parameters, name for name and shape for shape.
+
+    A parameter shared by several modules (a head tied to its embedding) may be stored under any or
+    all of its names; it counts once.
+    """
+    aliases = {name: param for name, param in model.named_parameters(remove_duplicate=False)}
     expected = {name: tuple(param.shape) for name, param in model.named_parameters()}
     got = {name: tuple(shape) for name, shape in stored.items()}
-    if got != expected:
+    held = [aliases[name] for name in got if name in aliases and tuple(aliases[name].shape) == got[name]]
+    distinct = {id(param) for param in aliases.values()}
+    if len(held) != len(got) or {id(param) for param in held} != distinct:
         differing = sorted(set(got.items()) ^ set(expected.items()))
         raise RuntimeError(f"the artefact's parameters differ from the factored model's (densified?): {differing[:8]}")
-    return sum(math.prod(shape) for shape in got.values())
+    return sum(param.numel() for param in {id(param): param for param in held}.values())
 
 
 def _check_not_densified(shapes: list[tuple[int, ...]], model: nn.Module) -> None:

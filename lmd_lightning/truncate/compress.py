@@ -273,8 +273,8 @@ class _DataPlans:
                 replaced[module] = (f.U * f.s) @ f.V.mT
 
 
-@torch.no_grad()
 def _call(model: nn.Module, example: Any) -> Any:
+    """The model on an example input: a tensor, a tuple of positional arguments, a dict of keywords (with grad)."""
     if isinstance(example, Mapping):
         return model(**example)
     return model(*example) if isinstance(example, tuple) else model(example)
