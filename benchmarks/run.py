@@ -27,7 +27,7 @@ SUITES = {  # suite → benchmark modules, in the order they run
     "lmd": ("bench_lmd",),  # data metric, metric maps and regularizers
     "convergence": ("bench_convergence",),  # the ‖∇L‖ monitor's defaults
     "parametrization": ("bench_parametrization",),  # balanced vs svd factors
-    "zoo": ("bench_zoo",),  # what compress_ factors in third-party architectures (README "Works with")
+    "zoo": ("bench_zoo", "bench_attention", "bench_charlm"),  # third-party: coverage, attention speed, GPT-2 LM
     "recipes": ("bench_recipes",),  # the recipes' expected results (lmd-train multiruns; no quick form)
 }
 NO_QUICK = {"bench_recipes"}

@@ -49,19 +49,11 @@ def test_weight_readers_run_after_compression() -> None:
 
 
 def tiny_vit():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=16,
-        patch_size=4,
-        num_channels=3,
-        num_labels=4,
-    )
-    torch.manual_seed(0)
-    return transformers.ViTForImageClassification(config)
+    """The zoo's HF ViT classifier (benchmarks/zoo.py): 2 layers, d = 32, 16×16 images, 4 labels."""
+    pytest.importorskip("transformers")
+    from benchmarks.zoo import build
+
+    return build("vit").train()
 
 
 def test_hf_vit_compresses_and_still_runs() -> None:

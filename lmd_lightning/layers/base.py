@@ -96,11 +96,15 @@ class FactoredModule(nn.Module):
         if metric_maps:
             self.add_metric_maps_()
 
+    def init_variance(self) -> float:
+        """The variance of the product's entries after `reset_parameters`: nn.Linear's default 1/(3·fan_in)."""
+        return 1.0 / (3.0 * self.V.shape[0])
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Random factors whose product has nn.Linear's default weight variance 1/(3·fan_in)."""
+        """Random factors whose product has entries of variance `init_variance()`, a uniform bias as nn.Linear's."""
         fan_in, rank = self.V.shape
-        std = (1.0 / (3.0 * fan_in * rank)) ** 0.25
+        std = (self.init_variance() / rank) ** 0.25
         nn.init.normal_(self.U, std=std)
         nn.init.normal_(self.V, std=std)
         if self.s is not None:
@@ -276,13 +280,17 @@ class FactoredModule(nn.Module):
     ) -> FactoredModule:
         """A layer holding `factors`, with the geometry of `dense`, a copy of its bias and its requires_grad."""
         bias = getattr(dense, "bias", None)
-        layer = cls.like(dense, factors.rank, bias is not None, parametrization)
-        layer.load_factors_(factors)
-        if bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(bias)
+        layer = cls.like(dense, factors.rank, bias is not None, parametrization).filled_(factors, bias)
         copy_requires_grad(dense, layer)
         return layer
+
+    @torch.no_grad()
+    def filled_(self, factors: Factors, bias: Tensor | None = None) -> FactoredModule:
+        """`load_factors_(factors)` and a copy of `bias` (when given) into the layer's own bias."""
+        self.load_factors_(factors)
+        if bias is not None:
+            self.bias.copy_(bias)
+        return self
 
     @classmethod
     def from_dense(

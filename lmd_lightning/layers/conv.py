@@ -225,12 +225,7 @@ class FactoredConv2d(FactoredConvNd):
         parametrization: Parametrization = "balanced",
     ) -> FactoredConv2d:
         """A layer holding `factors`, with the geometry (kernel, stride, padding, …) of `like`."""
-        layer = cls.like(like, factors.rank, bias is not None, parametrization)
-        layer.load_factors_(factors)
-        if bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(bias)
-        return layer
+        return cls.like(like, factors.rank, bias is not None, parametrization).filled_(factors, bias)
 
     @classmethod
     def from_conv2d(

@@ -57,18 +57,14 @@ class FactoredEmbedding(FactoredModule):
         self.weight_shape = (num_embeddings, embedding_dim)  # nn.Embedding's
         self._init_parameters(num_embeddings, embedding_dim, rank, False, parametrization, device, dtype, metric_maps)
 
+    def init_variance(self) -> float:
+        """nn.Embedding's table has unit-variance entries."""
+        return 1.0
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Random factors whose product has nn.Embedding's unit-variance table (and a zero padding row)."""
-        rank = self.U.shape[1]
-        std = (1.0 / rank) ** 0.25
-        nn.init.normal_(self.U, std=std)
-        nn.init.normal_(self.V, std=std)
-        if self.s is not None:
-            nn.init.ones_(self.s)
-        for dist in (self.I_dist, self.O_dist):
-            if dist is not None:
-                dist.copy_(torch.eye(self.rank, dtype=dist.dtype, device=dist.device))
+        """As FactoredModule's, with nn.Embedding's unit variance, and a zero padding row."""
+        super().reset_parameters()
         if getattr(self, "padding_idx", None) is not None:
             self.U[self.padding_idx].zero_()
 

@@ -62,11 +62,7 @@ class FactoredLinear(FactoredModule):
         layer = cls(
             in_features, out_features, rank, bias is not None, parametrization, factors.U.device, factors.U.dtype
         )
-        layer.load_factors_(factors)
-        if bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(bias)
-        return layer
+        return layer.filled_(factors, bias)
 
     @classmethod
     def from_linear(

@@ -135,7 +135,7 @@ def find_targets(
         reason = ties.get(id(module)) or _skip_reason(name, module, parents.get(id(module)), include_list)
         targets.append(Target(name, module, reason))
     if tied == "joint":
-        targets = _join_tied(model, targets, exclude_list)
+        targets = _join_tied(model, targets, exclude_list, filter_fn)
     return targets
 
 
@@ -162,12 +162,15 @@ def joint_pairs(model: nn.Module) -> list[tuple[str, list[str]]]:
     return pairs
 
 
-def _join_tied(model: nn.Module, targets: list[Target], exclude: list[str] | None) -> list[Target]:
+def _join_tied(
+    model: nn.Module, targets: list[Target], exclude: list[str] | None, filter_fn: FilterFn | None
+) -> list[Target]:
     by_name = {target.name: target for target in targets}
     for embedding, heads in joint_pairs(model):
-        if any(head not in by_name for head in heads) or _matches(embedding, exclude):
-            continue  # a head not selected, or the embedding excluded: the pair stays as it is
         module = model.get_submodule(embedding)
+        vetoed = _matches(embedding, exclude) or (filter_fn is not None and not filter_fn(embedding, module))
+        if vetoed or any(head not in by_name for head in heads):
+            continue  # a head not selected, or the embedding excluded: the pair stays as it is
         reason = None if isinstance(module, FactoredModule) else kind_of(module).dense_skip_reason(module)
         followers = [Target(head, by_name[head].module) for head in heads]
         joint = Target(embedding, module, reason, followers)
