@@ -212,3 +212,32 @@ def test_include_patterns_may_name_projections_before_the_split() -> None:
     compress_(model, FixedRank(2), include="*.q_proj")
     layers = model.encoder.layers
     assert isinstance(layers[0].self_attn.q_proj, FactoredLinear) and type(layers[1].self_attn.k_proj) is nn.Linear
+
+
+def test_a_bare_attention_module_is_refused_and_left_alone() -> None:
+    mha = nn.MultiheadAttention(16, 2)
+    params = [p.clone() for p in mha.parameters()]
+    with pytest.raises(TypeError, match=r"`model` is itself a MultiheadAttention; wrap it in a container"):
+        compress_(mha, FixedRank(2))
+    assert "" not in dict(mha.named_children()) and all(torch.equal(a, b) for a, b in zip(params, mha.parameters()))
+
+
+def test_a_failed_restore_leaves_the_fresh_model_as_it_was_and_frozen_layers_frozen() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 16)
+
+    model = Model()
+    compress_(model, FixedRank(3))
+    state = model.state_dict()
+    fresh = Model()
+    fresh.fc.weight.requires_grad_(False)
+    broken = {**state, "fc.U": torch.zeros(5, 3)}
+    with pytest.raises(ValueError, match=r"`fc.U`\(5, 3\) / `fc.V`\(16, 3\) does not fit layer `fc`"):
+        restore_factored_(fresh, broken)
+    assert type(fresh.attn) is nn.MultiheadAttention and type(fresh.fc) is nn.Linear  # nothing half rebuilt
+    restore_factored_(fresh, state)
+    assert isinstance(fresh.attn, FactoredMultiheadAttention)
+    assert not fresh.fc.U.requires_grad and not fresh.fc.V.requires_grad and fresh.fc.bias.requires_grad

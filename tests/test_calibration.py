@@ -339,3 +339,20 @@ def test_sequential_whitening_failure_leaves_that_layer_dense():
     reasons = {layer.name: layer.reason for layer in report.layers}
     assert isinstance(model[0], FactoredLinear) and isinstance(model[2], nn.Linear)
     assert reasons["2"].startswith("calibration metric failed")
+
+
+def test_a_random_forward_sees_the_same_draws_in_every_pass() -> None:
+    """A step that draws noise: every pass draws the same, so the fit does not depend on the global random state."""
+
+    def noisy(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return model(batch + 0.3 * torch.randn_like(batch))
+
+    def fitted(seed: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 12))
+        data = [torch.randn(64, 12) for _ in range(2)]
+        torch.manual_seed(seed)  # whatever the global state, the calibration draws the same noise
+        compress_(model, FixedRank(4), metric=DataMetric(forward=noisy), calibration=data)
+        return model[2].dense_weight().detach()
+
+    torch.testing.assert_close(fitted(1), fitted(2), rtol=0, atol=0)

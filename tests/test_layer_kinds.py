@@ -167,16 +167,20 @@ def test_embedding_is_opt_in_with_a_reason() -> None:
     assert isinstance(model[0], FactoredEmbedding) and model[0].rank == 2
 
 
-def test_embedding_keeps_its_padding_row_zero_and_ungraded() -> None:
+def test_embedding_padding_row_is_used_as_it_is_and_gets_no_gradient() -> None:
+    """nn.Embedding only blocks the padding row's gradient: a non-zero (pretrained) padding row is kept."""
     torch.manual_seed(0)
     dense = nn.Embedding(30, 8, padding_idx=5)
+    with torch.no_grad():  # a rank-3 table whose padding row is not zero
+        dense.weight.copy_(torch.randn(30, 3) @ torch.randn(3, 8))
     layer = FactoredEmbedding.from_dense(dense, 3)
-    assert float(layer.U[5].abs().max()) == 0.0  # exactly
     indices = torch.tensor([[5, 1, 2], [5, 5, 3]])
-    out = layer(indices)
-    assert float(out[0, 0].abs().max()) == 0.0
-    out.square().sum().backward()
+    torch.testing.assert_close(layer(indices), dense(indices), rtol=1e-4, atol=1e-5)
+    assert float(layer(indices)[0, 0].abs().max()) > 0.1  # the padding row's value is used
+    layer(indices).square().sum().backward()
     assert float(layer.U.grad[5].abs().max()) == 0.0 and float(layer.U.grad[1].abs().max()) > 0
+    fresh = FactoredEmbedding(30, 8, 3, padding_idx=5)  # constructed: a zero padding row, as nn.Embedding's
+    assert float(fresh.U[5].abs().max()) == 0.0
 
 
 def test_embedding_cases_that_stay_dense() -> None:
@@ -185,6 +189,9 @@ def test_embedding_cases_that_stay_dense() -> None:
     assert isinstance(model[0], nn.Embedding) and "max_norm=1.0 renormalizes" in report.layers[0].reason
     with pytest.raises(ValueError, match="cannot factor this Embedding: max_norm=1.0"):
         FactoredEmbedding.from_dense(model[0], 2)
+    sparse = nn.Sequential(nn.Embedding(30, 8, sparse=True))
+    report = compress_(sparse, FixedRank(2), include="0")
+    assert isinstance(sparse[0], nn.Embedding) and report.layers[0].reason.startswith("sparse=True: V would get")
     model = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 8))
     data = [torch.randint(0, 30, (4, 5)) for _ in range(2)]
     report = compress_(model, RankRatio(0.25), include=["0", "1"], metric="data", calibration=data)

@@ -325,3 +325,11 @@ def test_joint_factoring_from_the_callback_and_metric_maps_refused() -> None:
     with pytest.raises(ValueError, match="`embed` shares its factors with `head` \\(tied='joint'\\)"):
         add_metric_maps_(model)
     assert not model.embed.has_metric_maps and model.head.U is model.embed.U
+
+
+def test_a_later_round_with_metric_maps_does_not_untie_a_joint_pair() -> None:
+    model = TiedLM()
+    compress_(model, FixedRank(8), tied="joint")
+    with pytest.raises(ValueError, match=r"`metric_maps=True`: `embed` shares its factors with `head`"):
+        compress_(model, FixedRank(8), metric_maps=True)
+    assert model.head.U is model.embed.U and not model.embed.has_metric_maps and not model.head.has_metric_maps

@@ -295,7 +295,7 @@ class LMDCompressionBase(_Hooks):
         self._schedule = Schedule(self.min_epochs, last, self.rounds, by_epoch=self.trigger == "epoch")
 
     def _check_targets(self, pl_module: pl.LightningModule) -> None:
-        targets = find_targets(pl_module, self.include, self.exclude, self.filter_fn)
+        targets = find_targets(pl_module, self.include, self.exclude, self.filter_fn, self.tied)
         if not any(t.skip_reason is None for t in targets) and not any(map(split_of, pl_module.modules())):
             names = [name for name, _ in pl_module.named_modules() if name]
             raise ValueError(

@@ -211,6 +211,8 @@ class FactoredMultiheadAttention(nn.Module):
         if padding is not None:
             padding = F.pad(padding, (0, extra)).reshape(n, 1, 1, -1)
             bias = padding if bias is None else bias + padding
+        if bias is not None:
+            bias = bias.to(q.dtype)  # under autocast the projections may run in a lower precision
         dropout = self.dropout if self.training else 0.0
         if need_weights:
             scores = (q * (1.0 / math.sqrt(head_dim))) @ k.mT  # (N, H, L, S')

@@ -7,9 +7,11 @@ only when `include` names them, because a language model's table often feeds a t
 (which then keeps both dense) and because an embedding's "inputs" are indices, so
 metric="data" does not apply to it.
 
-`padding_idx` keeps its zero row exactly (a zero row of W has a zero row of U) and gets no
-gradient, as in nn.Embedding. `max_norm` renormalizes table rows in place and has no factored
-counterpart: such embeddings stay dense.
+`padding_idx`: the row of U at that index gets no gradient, as nn.Embedding's row does; its value
+is the truncation's, like every other row (a pretrained table's padding row need not be zero, and
+is used as it is). `max_norm` renormalizes table rows in place and has no factored counterpart,
+and `sparse=True` would give U a sparse gradient but V a dense one, which sparse optimizers
+refuse: such embeddings stay dense.
 """
 
 from __future__ import annotations
@@ -68,14 +70,6 @@ class FactoredEmbedding(FactoredModule):
         if getattr(self, "padding_idx", None) is not None:
             self.U[self.padding_idx].zero_()
 
-    @torch.no_grad()
-    def load_factors_(self, factors) -> FactoredEmbedding:
-        """As FactoredModule.load_factors_, then the padding row of U is exactly zero again."""
-        super().load_factors_(factors)
-        if self.padding_idx is not None:
-            self.U[self.padding_idx].zero_()
-        return self
-
     def forward(self, indices: Tensor) -> Tensor:
         rows = F.embedding(
             indices, self.scaled_U(), self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse
@@ -90,6 +84,8 @@ class FactoredEmbedding(FactoredModule):
     def dense_skip_reason(cls, dense: nn.Module) -> str | None:
         if dense.max_norm is not None:
             return f"max_norm={dense.max_norm} renormalizes table rows in place, which a factored table cannot do"
+        if dense.sparse:
+            return "sparse=True: V would get a dense gradient, which sparse optimizers (SparseAdam) refuse"
         return None
 
     @classmethod

@@ -45,6 +45,7 @@ __all__ = [
 
 METRICS = ("weight", "data")
 ROW_CHUNK = 8192  # rows of unfolded inputs turned into float64 at a time
+CALIBRATION_SEED = 0  # every calibration pass starts from this random state
 
 Forward = Callable[[nn.Module, Any], Any]
 
@@ -214,7 +215,15 @@ class Calibration:
                 self._run(model, batch)
 
     def _run(self, model: nn.Module, batch: Any) -> None:
-        with self.context():
+        """One pass, with the random state forked and seeded alike for every pass.
+
+        A step that draws random numbers (noise, masking, timesteps) then sees the same draws in
+        the dense and in the truncated pass of a batch, so their moments pair up, and training's
+        own random state is left as it was.
+        """
+        devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices), self.context():
+            torch.manual_seed(CALIBRATION_SEED)
             self.forward(model, batch)
 
     def paired_moments(

@@ -21,7 +21,7 @@ from torch.nn.parameter import UninitializedParameter
 
 from lmd_lightning.checks import check_bool, check_choice, check_module
 from lmd_lightning.layers.base import PARAMETRIZATIONS, FactoredModule, copy_requires_grad
-from lmd_lightning.layers.registry import kind_of
+from lmd_lightning.layers.registry import kind_of, split_of
 from lmd_lightning.layers.svd import METHODS, Factors, SVDFailedError, check_finite, singular_values, truncated_svd
 from lmd_lightning.truncate.calibration import Calibration, DataMetric, layer_weight
 from lmd_lightning.truncate.check import check_step
@@ -36,6 +36,7 @@ from lmd_lightning.truncate.targets import (
     disable_fused_fast_paths,
     find_targets,
     merge_unchanged_splits_,
+    shared_factors,
     split_composites_,
     swap_module,
     undo,
@@ -208,6 +209,8 @@ def _validate(
     model: nn.Module, policy: RankPolicy, parametrization: str, method: str, metric, calibration
 ) -> DataMetric | None:
     check_module(model)
+    if split_of(model) is not None:
+        raise TypeError(f"`model` is itself a {type(model).__name__}; wrap it in a container (nn.Sequential(model))")
     if not isinstance(policy, RankPolicy):
         raise TypeError(
             f"`policy` must be a RankPolicy (FixedRank, RankRatio, EnergyRank, ErrorBound, EffectiveRank, "
@@ -293,7 +296,16 @@ def _compress(
 ) -> tuple[list[_Plan], list[_Plan], list[str]]:
     """Both phases of `compress_` on validated arguments; the caller undoes everything if this raises."""
     splits = split_composites_(model)  # nn.MultiheadAttention → separate projections, same function
-    plans = [_start_plan(target) for target in find_targets(model, *targets)]
+    found = find_targets(model, *targets)
+    if metric_maps:
+        shared = shared_factors(model)
+        for target in found:
+            if target.name in shared:
+                raise ValueError(
+                    f"`metric_maps=True`: `{target.name}` shares its factors with `{shared[target.name]}` "
+                    "(tied='joint'), and separate metric maps would untie them"
+                )
+    plans = [_start_plan(target) for target in found]
     active = [plan for plan in plans if plan.report.reason is None]
     for plan in active:
         tensors = plan.target.module.parameters(recurse=False) if plan.matrix is None else [plan.matrix]

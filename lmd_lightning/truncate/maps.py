@@ -9,7 +9,7 @@ from torch import nn
 from lmd_lightning.checks import check_module
 from lmd_lightning.layers.base import FactoredModule
 from lmd_lightning.layers.registry import kind_of
-from lmd_lightning.truncate.targets import Patterns, as_patterns
+from lmd_lightning.truncate.targets import Patterns, as_patterns, shared_factors
 
 __all__ = ["add_metric_maps_", "fold_", "metric_map_layers"]
 
@@ -43,15 +43,12 @@ def add_metric_maps_(model: nn.Module, include: Patterns = None, exclude: Patter
             )
     if not chosen:
         raise ValueError("`add_metric_maps_` found no factored layer: compress the model first")
-    holders: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, FactoredModule):
-            holders.setdefault(id(module.U), []).append(name)
-    for name, module in chosen:
-        others = [other for other in holders[id(module.U)] if other != name]
-        if others:
+    shared = shared_factors(model)
+    for name, _ in chosen:
+        if name in shared:
             raise ValueError(
-                f"`{name}` shares its factors with `{others[0]}` (tied='joint'): separate metric maps would untie them"
+                f"`{name}` shares its factors with `{shared[name]}` (tied='joint'): "
+                "separate metric maps would untie them"
             )
     for _, module in chosen:
         module.add_metric_maps_()

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from lmd_lightning.checks import check_module
-from lmd_lightning.layers.base import FactoredModule
+from lmd_lightning.layers.base import FactoredModule, copy_requires_grad
 from lmd_lightning.layers.registry import kind_of, split_of
-from lmd_lightning.truncate.targets import disable_fused_fast_paths, joint_pairs, swap_module
+from lmd_lightning.truncate.targets import disable_fused_fast_paths, joint_pairs, swap_module, undo, undo_record
 
 __all__ = ["restore_factored_"]
 
@@ -58,6 +58,30 @@ def _split_recorded(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
             swap_module(model, module, split.build(module))
 
 
+def _restore(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
+    _split_recorded(model, state_dict)
+    pairs = joint_pairs(model)  # ties as the fresh model has them, before anything is rebuilt
+    modules = dict(model.named_modules())
+    rebuilt = []
+    for key in state_dict:
+        prefix = key[: -len("U")]
+        if not key.endswith(".U") or prefix + "V" not in state_dict:
+            continue
+        module = modules.get(prefix[:-1])
+        if module is None or kind_of(module) is None:
+            continue
+        new = _rebuilt(module, prefix, state_dict)
+        if new is not None:
+            copy_requires_grad(module, new)  # a frozen layer stays frozen
+            swap_module(model, module, new)
+            rebuilt.append(prefix[:-1])
+    for embedding, heads in pairs:  # factored jointly (tied="joint"): share one set of factors again
+        if embedding in rebuilt and all(head in rebuilt for head in heads):
+            for head in heads:
+                model.get_submodule(head).share_factors_(model.get_submodule(embedding))
+    return rebuilt
+
+
 @torch.no_grad()
 def restore_factored_(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
     """Rebuild the factored structure recorded in `state_dict` so a strict load_state_dict works.
@@ -72,24 +96,11 @@ def restore_factored_(model: nn.Module, state_dict: Mapping[str, Tensor]) -> lis
     check_module(model)
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"`state_dict` must be a mapping of names to tensors, got {type(state_dict).__name__}")
-    _split_recorded(model, state_dict)
-    pairs = joint_pairs(model)  # ties as the fresh model has them, before anything is rebuilt
-    modules = dict(model.named_modules())
-    rebuilt = []
-    for key in state_dict:
-        prefix = key[: -len("U")]
-        if not key.endswith(".U") or prefix + "V" not in state_dict:
-            continue
-        module = modules.get(prefix[:-1])
-        if module is None or kind_of(module) is None:
-            continue
-        new = _rebuilt(module, prefix, state_dict)
-        if new is not None:
-            swap_module(model, module, new)
-            rebuilt.append(prefix[:-1])
-    for embedding, heads in pairs:  # factored jointly (tied="joint"): share one set of factors again
-        if embedding in rebuilt and all(head in rebuilt for head in heads):
-            for head in heads:
-                model.get_submodule(head).share_factors_(model.get_submodule(embedding))
+    record = undo_record(model)
+    try:
+        rebuilt = _restore(model, state_dict)
+    except BaseException:
+        undo(model, record)  # a bad entry leaves the model as it was, not half rebuilt
+        raise
     disable_fused_fast_paths(model)
     return rebuilt

@@ -34,6 +34,7 @@ __all__ = [
     "joint_pairs",
     "merge_unchanged_splits_",
     "module_names",
+    "shared_factors",
     "split_composites_",
     "split_names",
     "swap_module",
@@ -160,6 +161,15 @@ def joint_pairs(model: nn.Module) -> list[tuple[str, list[str]]]:
         if len(embeddings) == 1 and len(heads) == len(owners) - 1:
             pairs.append((embeddings[0], heads))
     return pairs
+
+
+def shared_factors(model: nn.Module) -> dict[str, str]:
+    """Factored layer name → the name of another factored layer holding the same U (tied="joint" pairs)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FactoredModule):
+            holders.setdefault(id(module.U), []).append(name)
+    return {name: next(o for o in names if o != name) for names in holders.values() if len(names) > 1 for name in names}
 
 
 def _join_tied(
