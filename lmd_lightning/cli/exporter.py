@@ -55,7 +55,7 @@ class ExportResult:
     max_abs_diff: float | None  # max |artefact − model| on example_input; None when outputs were not compared
     verified: bool  # the reloaded artefact reproduces the model (the note says how this was shown)
     params: int  # numel of the weights stored in the artefact
-    factored_layers: int  # FactoredLinear / FactoredConv2d layers exported as factors
+    factored_layers: int  # factored layers (any kind) exported as factors
     note: str  # how it was verified, plus anything to know (deprecation, static batch, folding)
 
     def __str__(self) -> str:

@@ -23,8 +23,9 @@ class CNN1DClassifier(Classifier):
     """Unflatten → [Conv (1×k, stride 2) → ReLU] per channel count → Flatten → Linear head.
 
     The convolutions are 1-D over the signal but built as nn.Conv2d with kernel (1, k) on
-    the input seen as (B, 1, 1, L): lmd_lightning factors nn.Linear and nn.Conv2d, not
-    nn.Conv1d, and a (1, k) Conv2d computes exactly the same map.
+    the input seen as (B, 1, 1, L), which computes exactly the map of an nn.Conv1d. This dates
+    from before nn.Conv1d was a layer kind, and is kept so that the recipes' published results
+    stay comparable; users' own nn.Conv1d layers factor as FactoredConv1d.
 
     Layers: `net.unflatten`, `net.conv1`, `net.act1`, `net.conv2`, …, `net.flatten`, `net.head`.
     Each conv halves the length (40 → 20 → 10 → 5 with the defaults).
