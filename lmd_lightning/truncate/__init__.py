@@ -5,6 +5,7 @@ report, data-metric calibration, and metric maps on a whole model. Torch only; b
 from lmd_lightning.truncate.calibration import DataMetric
 from lmd_lightning.truncate.check import ModelCheckError
 from lmd_lightning.truncate.compress import compress_
+from lmd_lightning.truncate.loss_metric import LossMetric
 from lmd_lightning.truncate.maps import add_metric_maps_, fold_
 from lmd_lightning.truncate.policies import (
     EffectiveRank,
@@ -22,6 +23,7 @@ from lmd_lightning.truncate.restore import restore_factored_
 __all__ = [
     "CompressionReport",
     "DataMetric",
+    "LossMetric",
     "EffectiveRank",
     "EnergyRank",
     "ErrorBound",

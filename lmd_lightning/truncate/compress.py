@@ -26,6 +26,7 @@ from lmd_lightning.layers.svd import METHODS, Factors, SVDFailedError, check_fin
 from lmd_lightning.truncate.calibration import Calibration, DataMetric, layer_weight
 from lmd_lightning.truncate.check import check_step
 from lmd_lightning.truncate.data_metric import LayerMoments, data_factors, data_spectrum
+from lmd_lightning.truncate.loss_metric import LossMetric, LossMoments, loss_factors, loss_moments, loss_spectrum
 from lmd_lightning.truncate.policies import LayerSpectrum, RankPolicy
 from lmd_lightning.truncate.report import CompressionReport, LayerReport
 from lmd_lightning.truncate.targets import (
@@ -111,16 +112,20 @@ def _start_plan(target: Target) -> _Plan:
     return plan
 
 
-def _spectrum(plan: _Plan, needs_spectrum: bool, moments: LayerMoments | None) -> LayerSpectrum | None:
+def _spectrum(plan: _Plan, needs_spectrum: bool, moments: LayerMoments | LossMoments | None) -> LayerSpectrum | None:
     """The policy's view of one layer; None (layer left dense) when its SVD fails.
 
-    With `moments` (metric="data") the spectrum is that of W·R, the layer in its inputs' metric.
+    With `moments` (metric="data") the spectrum is that of W·R, the layer in its inputs' metric;
+    with LossMoments that of R_gᵀ·W·R_x, the layer in the loss's metric.
     """
     module, report = plan.target.module, plan.report
     s = None
     if needs_spectrum:
         try:
-            if moments is not None:
+            if isinstance(moments, LossMoments):
+                s = loss_spectrum(layer_weight(module), moments, report.name)
+                s = s[: module.rank] if plan.matrix is None else s
+            elif moments is not None:
                 s = data_spectrum(layer_weight(module), moments, report.name)
                 s = s[: module.rank] if plan.matrix is None else s  # a factored layer's product has its rank
             else:
@@ -133,7 +138,10 @@ def _spectrum(plan: _Plan, needs_spectrum: bool, moments: LayerMoments | None) -
     max_rank = module.rank if plan.matrix is None else min(out_dim, fan_in)
     bias = getattr(module, "bias", None)
     bias = 0 if bias is None else bias.numel()
-    return LayerSpectrum(report.name, (out_dim, fan_in), s, max_rank, out_dim + fan_in, report.macs_before, bias)
+    comparable = isinstance(moments, LossMoments)  # σ̃² in loss units: the same scale in every layer
+    return LayerSpectrum(
+        report.name, (out_dim, fan_in), s, max_rank, out_dim + fan_in, report.macs_before, bias, comparable
+    )
 
 
 def _leave_dense(report: LayerReport, reason: str) -> None:
@@ -156,12 +164,14 @@ def _changes(plan: _Plan, rank: int) -> bool:
     return True
 
 
-def _plan_factors(plan: _Plan, rank: int, method: str, moments: LayerMoments | None = None) -> None:
+def _plan_factors(plan: _Plan, rank: int, method: str, moments: LayerMoments | LossMoments | None = None) -> None:
     """Compute one layer's factors at its chosen rank (nothing applied yet); `moments`: metric="data"."""
     report, spectrum, module = plan.report, plan.spectrum, plan.target.module
     out_dim, fan_in = spectrum.shape
     try:
-        if moments is not None:
+        if isinstance(moments, LossMoments):
+            factors = loss_factors(layer_weight(module), moments, rank, method, report.name)
+        elif moments is not None:
             factors = data_factors(layer_weight(module), moments, rank, method, report.name)
         elif plan.matrix is None:
             factors = module.truncated_factors(rank)
@@ -207,7 +217,7 @@ def _share(model: nn.Module, head: nn.Module, source: FactoredModule, report: La
 
 def _validate(
     model: nn.Module, policy: RankPolicy, parametrization: str, method: str, metric, calibration
-) -> DataMetric | None:
+) -> DataMetric | LossMetric | None:
     check_module(model)
     if split_of(model) is not None:
         raise TypeError(f"`model` is itself a {type(model).__name__}; wrap it in a container (nn.Sequential(model))")
@@ -218,6 +228,10 @@ def _validate(
         )
     check_choice(parametrization, "parametrization", PARAMETRIZATIONS)
     check_choice(method, "method", METHODS)
+    if isinstance(metric, LossMetric):
+        if calibration is None:
+            raise ValueError("`metric=LossMetric(...)` needs `calibration`: an iterable of batches for its loss")
+        return metric
     settings = DataMetric.of(metric)
     if settings is not None and calibration is None:
         raise ValueError(
@@ -290,7 +304,7 @@ def _compress(
     targets: tuple[Patterns, Patterns, FilterFn | None, str],
     parametrization: str,
     method: str,
-    data: tuple[DataMetric | None, Any],
+    data: tuple[DataMetric | LossMetric | None, Any],
     metric_maps: bool,
     check: Any,
 ) -> tuple[list[_Plan], list[_Plan], list[str]]:
@@ -313,16 +327,27 @@ def _compress(
             check_finite(tensor.detach(), plan.report.name)
     settings, calibration = data
     if settings is not None:
+        name = "LossMetric" if isinstance(settings, LossMetric) else "metric='data'"
         for plan in active:
             if not kind_of(plan.target.module).data_metric:
                 plan.report.reason = (
-                    f"metric='data' does not apply to {plan.report.kind}: its inputs are indices, not features"
+                    f"{name} does not apply to {plan.report.kind}: its inputs are indices, not features"
                 )
         active = [plan for plan in active if plan.report.reason is None]
-    moments = _DataPlans(model, active, calibration, settings) if settings is not None else None
+    moments = None
+    if isinstance(settings, LossMetric):
+        found_moments = loss_moments(model, [plan.target.module for plan in active], calibration, settings)
+        for plan in active:
+            if isinstance(found_moments[plan.target.module], str):
+                plan.report.reason = found_moments[plan.target.module]
+    elif settings is not None:
+        moments = _DataPlans(model, active, calibration, settings)
     active = [plan for plan in active if plan.report.reason is None]
     for plan in active:
-        layer_moments = None if moments is None else moments.independent[plan.target.module]
+        if isinstance(settings, LossMetric):
+            layer_moments = found_moments[plan.target.module]
+        else:
+            layer_moments = None if moments is None else moments.independent[plan.target.module]
         plan.spectrum = _spectrum(plan, policy.needs_spectrum, layer_moments)
     active = [plan for plan in active if plan.spectrum is not None]
     ranks = policy.choose([plan.spectrum for plan in active])
@@ -331,7 +356,8 @@ def _compress(
     else:
         for plan, rank in zip(active, ranks):
             if _changes(plan, rank):
-                _plan_factors(plan, rank, method)
+                layer_moments = found_moments[plan.target.module] if isinstance(settings, LossMetric) else None
+                _plan_factors(plan, rank, method, layer_moments)
     for plan in active:
         if plan.factors is not None:
             _apply(model, plan, parametrization)
@@ -363,7 +389,7 @@ def compress_(
     filter_fn: FilterFn | None = None,
     parametrization: str = "balanced",
     method: str = "auto",
-    metric: str | DataMetric = "weight",
+    metric: str | DataMetric | LossMetric = "weight",
     calibration: Iterable[Any] | None = None,
     metric_maps: bool = False,
     check: Any = None,
@@ -380,7 +406,9 @@ def compress_(
     `filter_fn(name, module)` can veto a layer. Already-factored layers are shrunk, never grown.
     `metric="weight"` keeps the best rank-r weight (Eckart–Young); `metric="data"` (or a
     `DataMetric` with its settings) the best rank-r layer for the inputs it receives on the
-    `calibration` batches (on the model's device), fitted layer by layer (LMD.md section 5).
+    `calibration` batches (on the model's device), fitted layer by layer (LMD.md section 5);
+    `metric=LossMetric(loss=fn)` the best rank-r layer in the loss's K-FAC metric (section 5b),
+    with spectra in loss units that `GlobalBudget` compares across layers.
     `metric_maps=True` gives every targeted factored layer (new or not) learnable r×r I_dist and O_dist
     at the identity (LMD Eq. 4); `fold_` merges them back. Shrinking a layer resets its maps.
     `check`: an example input (a tensor, a tuple of positional arguments or a dict of keywords).

@@ -46,6 +46,7 @@ class LayerSpectrum:
     cost_per_rank: int  # parameters or multiply-adds that one unit of rank costs: out + fan_in
     cost_now: int  # what the layer costs now (dense m·n, or r·(m+n) when already factored)
     bias: int = 0  # bias parameters: counted by parameter budgets, not by multiply-add budgets
+    comparable: bool = False  # `s` in units shared by every layer (the loss metric): no per-layer normalization
 
     @property
     def full_rank(self) -> int:
@@ -330,12 +331,15 @@ class GlobalBudget(RankPolicy):
         """Layer index of each singular value, in the order they are dropped.
 
         score(i, j) = σ_ij² / (‖W_i‖² · cost per rank of layer i): least error per unit saved
-        goes first. Ties go tail first, so every layer always loses a suffix of its spectrum.
+        goes first. Spectra in the loss's metric are comparable across layers and are not
+        normalized: σ̃²/2 estimates the loss increase itself. Ties go tail first, so every layer
+        always loses a suffix of its spectrum.
         """
         scores, owners, positions = [], [], []
         for index, layer in enumerate(layers):
             s2 = layer.s.double().square()[: layer.max_rank]
-            scores.append(s2 / ((float(s2.sum()) or 1.0) * layer.cost_per_rank))
+            scale = 1.0 if layer.comparable else (float(s2.sum()) or 1.0)  # loss units, or relative error
+            scores.append(s2 / (scale * layer.cost_per_rank))
             owners.append(torch.full_like(s2, index, dtype=torch.long))
             positions.append(torch.arange(s2.numel()))
         by_position = torch.cat(positions).argsort(descending=True, stable=True)
