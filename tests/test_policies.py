@@ -135,3 +135,19 @@ def test_unattainable_budget_warns_and_returns_the_most_compressive_ranks() -> N
     sp = layer(torch.ones(64), (64, 64))
     with pytest.warns(UserWarning, match="cannot be met"):
         assert GlobalBudget(params=0.01, min_rank=16).choose([sp]) == [16]
+
+
+def test_global_budget_costs_a_dense_layers_first_cut_to_break_even_as_one_step() -> None:
+    """A layer ends at full rank or below its break-even rank m·n/(m+n), never at a rank that saves nothing."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(200, 200), (3985, 200), (200, 200), (96, 512), (64, 64)]
+    for trial in range(20):
+        spectra = [
+            layer(torch.rand(min(sh), generator=gen).sort(descending=True).values ** (1 + trial % 4), sh, f"l{i}")
+            for i, sh in enumerate(shapes)
+        ]
+        for fraction in (0.3, 0.5, 0.7):
+            ranks = GlobalBudget(params=fraction).choose(spectra)
+            for spectrum, rank in zip(spectra, ranks):
+                m, n = spectrum.shape
+                assert rank == min(m, n) or rank * (m + n) < m * n, (trial, fraction, spectrum.name, rank)

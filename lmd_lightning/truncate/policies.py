@@ -331,20 +331,45 @@ class GlobalBudget(RankPolicy):
         """Layer index of each singular value, in the order they are dropped.
 
         score(i, j) = σ_ij² / (‖W_i‖² · cost per rank of layer i): least error per unit saved
-        goes first. Spectra in the loss's metric are comparable across layers and are not
-        normalized: σ̃²/2 estimates the loss increase itself. Ties go tail first, so every layer
-        always loses a suffix of its spectrum.
+        goes first. A dense layer's first saving cut, from full rank to below its break-even
+        rank m·n/(m+n), is one step costed by what it saves, and scores are pooled to the
+        convex hull of each layer's error–saving curve (`_convex_scores`). Spectra in the loss's
+        metric are comparable across layers and are not normalized: σ̃²/2 estimates the loss
+        increase itself. Ties go tail first, so every layer always loses a suffix of its spectrum.
         """
         scores, owners, positions = [], [], []
         for index, layer in enumerate(layers):
             s2 = layer.s.double().square()[: layer.max_rank]
             scale = 1.0 if layer.comparable else (float(s2.sum()) or 1.0)  # loss units, or relative error
-            scores.append(s2 / (scale * layer.cost_per_rank))
+            scores.append(GlobalBudget._convex_scores(s2 / scale, layer))
             owners.append(torch.full_like(s2, index, dtype=torch.long))
             positions.append(torch.arange(s2.numel()))
         by_position = torch.cat(positions).argsort(descending=True, stable=True)
         by_score = torch.cat(scores)[by_position].argsort(stable=True)
         return torch.cat(owners)[by_position[by_score]]
+
+    @staticmethod
+    def _convex_scores(s2: Tensor, layer: LayerSpectrum) -> Tensor:
+        """Each value's error per unit saved, on the lower convex hull of the layer's error–saving curve.
+
+        A dense layer saves nothing until its rank falls below m·n/(m+n), so its values from there
+        to full rank are one step, costed by what that step saves (r·(m+n) < m·n). Adjacent steps
+        whose cost per unit falls are pooled (pool-adjacent-violators), so that a layer's scores
+        never fall in drop order: the greedy then takes a layer's drops in order, and takes a
+        costly first cut only together with the cheap cuts it opens.
+        """
+        n = s2.numel()
+        first = max(min(math.ceil(layer.cost_now / layer.cost_per_rank) - 1, n - 1), 0)
+        steps = [(float(s2[first:].sum()), float(layer.cost_now - first * layer.cost_per_rank), n - first)]
+        steps += [(float(s2[j]), float(layer.cost_per_rank), 1) for j in range(first - 1, -1, -1)]
+        pooled: list[list[float]] = []  # [error, saving, count], in drop order
+        for error, saving, count in steps:
+            pooled.append([error, max(saving, 1.0), count])
+            while len(pooled) > 1 and pooled[-2][0] * pooled[-1][1] > pooled[-1][0] * pooled[-2][1]:
+                error, saving, count = pooled.pop()
+                pooled[-1] = [pooled[-1][0] + error, pooled[-1][1] + saving, pooled[-1][2] + count]
+        in_drop_order = torch.cat([torch.full((int(c),), e / s, dtype=torch.float64) for e, s, c in pooled])
+        return in_drop_order.flip(0)  # by position: index 0 is the largest value, dropped last
 
     def _ranks(self, layers: Sequence[LayerSpectrum], owners: Tensor, dropped: int) -> list[int]:
         counts = torch.bincount(owners[:dropped], minlength=len(layers)).tolist()
