@@ -9,6 +9,7 @@ FactoredConvNd, which holds everything but the number of spatial dimensions.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -59,6 +60,7 @@ class FactoredConvNd(FactoredModule):
 
     dims: ClassVar[int]
     dense_type: ClassVar[type[nn.Module]]
+    _conv: ClassVar[Callable[..., Tensor]]  # F.conv1d / F.conv2d: (x, weight, bias, stride, padding, dilation)
 
     def __init__(
         self,
@@ -90,10 +92,6 @@ class FactoredConvNd(FactoredModule):
         self.padding_mode = padding_mode
         fan_in = in_channels * math.prod(self.kernel_size)
         self._init_parameters(out_channels, fan_in, rank, bias, parametrization, device, dtype, metric_maps)
-
-    @staticmethod
-    def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation) -> Tensor:
-        raise NotImplementedError
 
     @classmethod
     def _padded(cls, module: nn.Module, x: Tensor) -> tuple[Tensor, str | tuple[int, ...] | int]:

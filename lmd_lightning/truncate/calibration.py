@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from lmd_lightning.checks import check_bool, check_callable, check_int, check_number
 from lmd_lightning.layers.base import FactoredModule
 from lmd_lightning.layers.registry import kind_of
+from lmd_lightning.truncate.check import cuda_devices
 
 __all__ = [
     "Calibration",
@@ -172,6 +173,7 @@ class Calibration:
     @contextmanager
     def _running(self, model: nn.Module, hooks: Mapping[nn.Module, Callable]) -> Iterator[None]:
         modes = {module: module.training for module in model.modules()}
+        self._devices = cuda_devices(model)  # once per run, not per pass
         handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
         model.eval()
         try:
@@ -221,8 +223,7 @@ class Calibration:
         the dense and in the truncated pass of a batch, so their moments pair up, and training's
         own random state is left as it was.
         """
-        devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
-        with torch.random.fork_rng(devices=devices), self.context():
+        with torch.random.fork_rng(devices=self._devices), self.context():
             torch.manual_seed(CALIBRATION_SEED)
             self.forward(model, batch)
 

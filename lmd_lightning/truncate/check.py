@@ -15,7 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModelCheckError", "check_step", "output_loss"]
+__all__ = ["ModelCheckError", "check_step", "cuda_devices", "output_loss"]
+
+
+def cuda_devices(model: nn.Module) -> list[int]:
+    """The CUDA device indices `model`'s parameters are on: what torch.random.fork_rng must fork."""
+    return sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
 
 
 class ModelCheckError(RuntimeError):
@@ -70,9 +75,8 @@ def check_step(model: nn.Module, step: Callable[[], Any]) -> None:
     for param in grads:
         param.grad = None  # the step's backward must not add into the tensors kept here
     buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
-    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=cuda_devices(model)):
             loss = output_loss(step())
             if loss is not None:
                 loss.backward()

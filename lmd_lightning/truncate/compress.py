@@ -334,21 +334,19 @@ def _compress(
                     f"{name} does not apply to {plan.report.kind}: its inputs are indices, not features"
                 )
         active = [plan for plan in active if plan.report.reason is None]
-    moments = None
+    moments = None  # metric="data": the calibration run (sequential fits need it again)
+    per_layer: dict[nn.Module, Any] = {}  # each layer's moments in its metric
     if isinstance(settings, LossMetric):
-        found_moments = loss_moments(model, [plan.target.module for plan in active], calibration, settings)
+        per_layer = loss_moments(model, [plan.target.module for plan in active], calibration, settings)
         for plan in active:
-            if isinstance(found_moments[plan.target.module], str):
-                plan.report.reason = found_moments[plan.target.module]
+            if isinstance(per_layer[plan.target.module], str):
+                plan.report.reason = per_layer[plan.target.module]
     elif settings is not None:
         moments = _DataPlans(model, active, calibration, settings)
+        per_layer = moments.independent
     active = [plan for plan in active if plan.report.reason is None]
     for plan in active:
-        if isinstance(settings, LossMetric):
-            layer_moments = found_moments[plan.target.module]
-        else:
-            layer_moments = None if moments is None else moments.independent[plan.target.module]
-        plan.spectrum = _spectrum(plan, policy.needs_spectrum, layer_moments)
+        plan.spectrum = _spectrum(plan, policy.needs_spectrum, per_layer.get(plan.target.module))
     active = [plan for plan in active if plan.spectrum is not None]
     ranks = policy.choose([plan.spectrum for plan in active])
     if moments is not None:
@@ -356,8 +354,7 @@ def _compress(
     else:
         for plan, rank in zip(active, ranks):
             if _changes(plan, rank):
-                layer_moments = found_moments[plan.target.module] if isinstance(settings, LossMetric) else None
-                _plan_factors(plan, rank, method, layer_moments)
+                _plan_factors(plan, rank, method, per_layer.get(plan.target.module))
     for plan in active:
         if plan.factors is not None:
             _apply(model, plan, parametrization)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from lmd_lightning.checks import check_callable, check_int, check_number
 from lmd_lightning.layers.svd import Factors, singular_values, truncated_svd
 from lmd_lightning.truncate.calibration import CALIBRATION_SEED, layer_rows, output_rows
+from lmd_lightning.truncate.check import cuda_devices
 from lmd_lightning.truncate.data_metric import Whitening, whitening
 
 __all__ = ["LossMetric", "LossMoments", "loss_factors", "loss_moments", "loss_spectrum"]
@@ -132,7 +133,7 @@ def loss_moments(
     modes = {module: module.training for module in model.modules()}
     grads = {param: param.grad for param in model.parameters()}
     handles = [module.register_forward_hook(hook) for module in modules]
-    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    devices = cuda_devices(model)
     model.eval()
     read = 0
     try:
