@@ -174,7 +174,7 @@ def swap_table(loader: DataLoader, epochs: int, accelerator: str) -> str:
         fit(
             loader,
             epochs,
-            [LMDCompression(EnergyRank(0.7), trigger="epoch", min_epochs=1, exclude="net.6")],
+            [LMDCompression(EnergyRank(0.7), trigger="epoch", min_epochs=1, exclude="net.6", metric="weight")],
             accelerator,
         )
     finally:

@@ -137,7 +137,7 @@ def run_one(name: str, seed: int, corpus: dict[str, torch.Tensor], quick: bool) 
     callbacks: list[pl.Callback] = [times]
     lmd = None
     if CONTENDERS[name] is not None:
-        lmd = LMDCompression(CONTENDERS[name](), monitor="val_bpc", mode="min", min_epochs=1)
+        lmd = LMDCompression(CONTENDERS[name](), monitor="val_bpc", mode="min", min_epochs=1, metric="weight")
         callbacks.insert(0, lmd)
     trainer = pl.Trainer(
         max_epochs=epochs,

@@ -32,16 +32,16 @@ from lmd_lightning import DataMetric, GlobalBudget, Guard, LMDCompression, Regul
 BUDGETS = {"mlp": (0.2, 0.05), "cnn": (0.5, 0.25), "transformer": (0.5,)}
 
 TRUNCATION = {  # variant → LMDCompression keyword arguments
-    "weight (Eckart–Young)": {},
+    "weight (Eckart–Young)": {"metric": "weight"},
     "data, independent": {"metric": DataMetric(sequential=False)},
     "data, sequential": {"metric": DataMetric()},
 }
 REGULARIZERS = {
-    "metric maps, no regularizer": {"metric_maps": True},
-    "maps + identity λ=0.01": {"metric_maps": True, "regularizer": Regularizer("identity", 0.01)},
-    "maps + identity λ=1": {"metric_maps": True, "regularizer": Regularizer("identity", 1.0)},
-    "maps + laplacian λ=0.1": {"metric_maps": True, "regularizer": Regularizer("laplacian", 0.1)},
-    "maps + laplacian λ=1": {"metric_maps": True, "regularizer": Regularizer("laplacian", 1.0)},
+    "metric maps, no regularizer": {"metric": "weight", "metric_maps": True},
+    "maps + identity λ=0.01": {"metric": "weight", "metric_maps": True, "regularizer": Regularizer("identity", 0.01)},
+    "maps + identity λ=1": {"metric": "weight", "metric_maps": True, "regularizer": Regularizer("identity", 1.0)},
+    "maps + laplacian λ=0.1": {"metric": "weight", "metric_maps": True, "regularizer": Regularizer("laplacian", 0.1)},
+    "maps + laplacian λ=1": {"metric": "weight", "metric_maps": True, "regularizer": Regularizer("laplacian", 1.0)},
 }
 
 

@@ -68,7 +68,9 @@ def _train(ratio: float | None, width: int, samples: int, out) -> None:
     data = TensorDataset(torch.randn(samples, 40), torch.randint(0, 10, (samples,)))
     probe = MemoryProbe()
     callbacks = (
-        [] if ratio is None else [LMDCompression(RankRatio(ratio), trigger="epoch", min_epochs=1, exclude="*head")]
+        []
+        if ratio is None
+        else [LMDCompression(RankRatio(ratio), trigger="epoch", min_epochs=1, exclude="*head", metric="weight")]
     )
     trainer = pl.Trainer(
         max_epochs=2,

@@ -60,14 +60,16 @@ BUDGET_RUN = "‖∇L‖ + GlobalBudget"
 TRAINED = {  # contender → its LMDCompression (None: dense); `epochs` is the run's length
     "dense": lambda model, epochs: None,
     "Pufferfish (epoch, RankRatio 1/4)": lambda model, epochs: LMDCompression(
-        RankRatio(0.25), trigger="epoch", min_epochs=max(1, round(epochs * 80 / 300)), exclude="*head"
+        RankRatio(0.25), trigger="epoch", min_epochs=max(1, round(epochs * 80 / 300)), exclude="*head", metric="weight"
     ),
     "Cuttlefish (stable rank)": lambda model, epochs: LMDCompression(
-        StableRank(), trigger="stable_rank", exclude="*head"
+        StableRank(), trigger="stable_rank", exclude="*head", metric="weight"
     ),
-    "‖∇L‖ + EnergyRank(0.7)": lambda model, epochs: LMDCompression(EnergyRank(0.7), exclude="*head"),
-    "‖∇L‖ + ErrorBound(0.3)": lambda model, epochs: LMDCompression(ErrorBound(0.3), exclude="*head"),
-    BUDGET_RUN: lambda model, epochs: LMDCompression(GlobalBudget(params=BUDGET[model]), exclude="*head"),
+    "‖∇L‖ + EnergyRank(0.7)": lambda model, epochs: LMDCompression(EnergyRank(0.7), exclude="*head", metric="weight"),
+    "‖∇L‖ + ErrorBound(0.3)": lambda model, epochs: LMDCompression(ErrorBound(0.3), exclude="*head", metric="weight"),
+    BUDGET_RUN: lambda model, epochs: LMDCompression(
+        GlobalBudget(params=BUDGET[model]), exclude="*head", metric="weight"
+    ),
     "‖∇L‖ + GlobalBudget, data metric": lambda model, epochs: LMDCompression(
         GlobalBudget(params=BUDGET[model]), exclude="*head", metric="data"
     ),

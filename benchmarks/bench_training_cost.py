@@ -45,7 +45,7 @@ def run(compress: bool, widths: tuple[int, ...], epochs: int, seed: int) -> dict
     data = MNIST1DDataModule(seed=seed)
     clock = EpochClock()
     callbacks: list[Callback] = [clock]
-    lmd = LMDCompression(EnergyRank(0.7), exclude="*head") if compress else None
+    lmd = LMDCompression(EnergyRank(0.7), exclude="*head", metric="weight") if compress else None
     if lmd is not None:
         callbacks.append(lmd)
     trainer = pl.Trainer(

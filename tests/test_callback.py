@@ -159,7 +159,7 @@ def test_model_without_candidates_raises_listing_modules() -> None:
         (
             {"metric": "inputs"},
             ValueError,
-            r"`metric` must be one of \('weight', 'data'\) or a DataMetric, got 'inputs'",
+            r"`metric` must be one of \('loss', 'data', 'weight'\), a DataMetric or a LossMetric, got 'inputs'",
         ),
     ],
 )

@@ -167,7 +167,9 @@ def fit(lmd: LMDCompression, max_epochs: int = 6) -> tuple[LitMLP, WeightsAtEpoc
 
 def test_stable_rank_trigger_compresses_once_settled_with_cuttlefish_ranks() -> None:
     monitor = StableRankMonitor(tol=0.5, patience=1)
-    lmd = LMDCompression(StableRank(multiplier=0.5), trigger=monitor, min_epochs=1, exclude="net.4")
+    lmd = LMDCompression(
+        StableRank(multiplier=0.5), trigger=monitor, min_epochs=1, exclude="net.4", metric="weight"
+    )  # Cuttlefish's ranks are those of the weights
     model, seen = fit(lmd)
     # epoch 1 starts with the first measurement (after epoch 0), epoch 2 with the first change: < 50%
     assert lmd.compressed_epochs == [2] and lmd.reports[0]["trigger"].startswith("stable ranks changed < 50%")

@@ -7,6 +7,7 @@ touch of Lightning internals (optimizer rebuild, DDP re-wrap, evaluation) in `su
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from typing_extensions import override
 from lmd_lightning.callback import surgery
 from lmd_lightning.callback.checkpoint import StrictLoadingHold
 from lmd_lightning.callback.guard import GUARD_KEYWORDS, Guard, GuardRecord, GuardRun, SweepPoint, guard_from_keywords
+from lmd_lightning.callback.ladder import AUTO, Kept, Ladder, Rung
 from lmd_lightning.callback.lmd_options import LMDOptions
 from lmd_lightning.callback.schedule import Schedule, check_rounds, default_last_epoch
 from lmd_lightning.callback.trigger import TriggerWatch
@@ -27,8 +29,10 @@ from lmd_lightning.lmd.regularize import Regularizer
 from lmd_lightning.monitors import ConvergenceMonitor, StableRankMonitor
 from lmd_lightning.truncate.calibration import DataMetric, layer_weight
 from lmd_lightning.truncate.compress import JOINT_WITH_MAPS, compress_
+from lmd_lightning.truncate.loss_metric import LossMetric
 from lmd_lightning.truncate.policies import RankPolicy
 from lmd_lightning.truncate.report import CompressionReport
+from lmd_lightning.truncate.restore import restore_structure_
 from lmd_lightning.truncate.targets import TIED, FilterFn, Patterns, find_targets, undo, undo_record
 
 __all__ = ["LMDCompression", "LMDCompressionBase"]
@@ -49,14 +53,21 @@ class LMDCompressionBase(_Hooks):
         include / exclude / filter_fn: which layers, as in `compress_`.
         tied: "dense" keeps a head tied to its embedding dense and tied; "joint" factors the pair
             with one shared set of factors, as in `compress_` (not with `metric_maps`).
-        rounds: compress iteratively, `policy.for_round(k, rounds)` in round k.
+        rounds: compress iteratively, `policy.for_round(k, rounds)` in round k; or "auto": a
+            validated ladder (ladder.py) that compresses in rungs, fine-tunes and validates each on
+            the whole validation set, keeps the last rung within `guard.max_drop` of the dense
+            `monitor` and rolls back the first that is not. `policy` is the most aggressive
+            setting allowed; needs `monitor`, `Guard(max_drop=...)` and a policy with a knob.
         min_epochs: dense epochs before compression may happen.
         max_epochs: the epoch at which compression is forced; None: two thirds of the Trainer's.
         every_n_steps: measure ‖∇L‖ every this many optimizer steps.
         per_layer_norms: also keep and log each layer's gradient norm.
         parametrization / method: passed to `compress_`.
-        metric: "weight" (Eckart–Young on each weight), or "data" / a DataMetric (truncate in the
-            metric of each layer's inputs, measured on training batches).
+        metric: where each layer is truncated and ranks are costed. "loss" (the default) / a
+            LossMetric: in the loss's K-FAC metric, from forward and backward passes of
+            `training_step` on a few training batches, so that `GlobalBudget` compares layers by
+            the loss each component is worth; "data" / a DataMetric: in the metric of each layer's
+            inputs; "weight": Eckart–Young on each weight, no data.
         metric_maps / regularizer / fold_maps: LMD's learnable I_dist, O_dist, their penalty, and
             folding them into the factors at the end of training.
         monitor: a metric `validation_step` logs, measured right before and right after truncation
@@ -70,8 +81,9 @@ class LMDCompressionBase(_Hooks):
             LMDCompression(GlobalBudget(params=0.2), exclude="head", monitor="val_acc", guard=Guard(max_drop=0.01))
         ])
 
-    After fit: `ranks`, `reports` (one `CompressionReport.to_dict()` per round), `compressed_epochs`,
-    `guard_record` and `sweep` (with a `monitor`), and `failure` (why compression was abandoned).
+    After fit: `ranks`, `reports` (one `CompressionReport.to_dict()` per round; with rounds="auto"
+    each carries its rung's "ladder" record), `compressed_epochs`, `guard_record` and `sweep` (with a
+    `monitor`), `ladder` (rounds="auto"), and `failure` (why compression was abandoned).
     The README ("Use it in Lightning") says what happens at each step and what is logged.
     """
 
@@ -82,14 +94,14 @@ class LMDCompressionBase(_Hooks):
         include: Patterns = None,
         exclude: Patterns = None,
         filter_fn: FilterFn | None = None,
-        rounds: int = 1,
+        rounds: int | str = 1,
         min_epochs: int = 1,
         max_epochs: int | None = None,
         every_n_steps: int = 4,
         per_layer_norms: bool = False,
         parametrization: str = "balanced",
         method: str = "auto",
-        metric: str | DataMetric = "weight",
+        metric: str | DataMetric | LossMetric = "loss",
         metric_maps: bool = False,
         regularizer: str | Regularizer | None = None,
         fold_maps: bool = True,
@@ -105,7 +117,10 @@ class LMDCompressionBase(_Hooks):
         if not isinstance(policy, RankPolicy):
             raise TypeError(f"`policy` must be a RankPolicy (EnergyRank, FixedRank, GlobalBudget, …), got {policy!r}")
         self._watch = TriggerWatch(trigger, every_n_steps, per_layer_norms)
-        check_rounds(policy, self._watch.kind == "stable_rank", rounds, min_epochs, max_epochs)
+        auto = rounds == AUTO
+        if isinstance(rounds, str) and not auto:
+            raise ValueError(f"`rounds` must be a positive int or 'auto', got {rounds!r}")
+        check_rounds(policy, self._watch.kind == "stable_rank", 1 if auto else rounds, min_epochs, max_epochs)
         check_choice(parametrization, "parametrization", PARAMETRIZATIONS)
         check_choice(method, "method", METHODS)
         check_choice(tied, "tied", TIED)
@@ -113,6 +128,7 @@ class LMDCompressionBase(_Hooks):
             raise ValueError(JOINT_WITH_MAPS)
         self.lmd = LMDOptions(metric, metric_maps, regularizer, fold_maps)
         self._guarding = GuardRun(monitor, mode, guard_from_keywords(guard, deprecated, monitor))
+        self._ladder = self._check_auto(policy, tied) if auto else None
 
         self.trigger, self.convergence = self._watch.kind, self._watch.convergence
         self.stable_ranks = self._watch.stable_ranks
@@ -126,7 +142,7 @@ class LMDCompressionBase(_Hooks):
         self.compressed_epochs: list[int] = []  # the epoch of each round done
         self.reports: list[dict[str, Any]] = []  # CompressionReport.to_dict() of each compression
         self.failure: str | None = None  # why compression was abandoned, if it was
-        self._schedule = Schedule(min_epochs, max_epochs, rounds, by_epoch=self.trigger == "epoch")  # set at setup
+        self._schedule = Schedule(min_epochs, max_epochs, self._rounds, by_epoch=self.trigger == "epoch")  # at setup
         self._lightning: Any = None  # pytorch_lightning or lightning.pytorch, set at setup
         self._strict = StrictLoadingHold()  # loose first load on resume, strict again after the rebuild
 
@@ -164,11 +180,35 @@ class LMDCompressionBase(_Hooks):
         return self._guarding.sweep
 
     @property
+    def ladder(self) -> list[Rung]:
+        """rounds="auto": every rung so far, with its parameters, validated metric and decision."""
+        return [] if self._ladder is None else list(self._ladder.rungs)
+
+    @property
+    def dense_value(self) -> float | None:
+        """rounds="auto": the `monitor` of the dense model on the whole validation set, at the trigger."""
+        return None if self._ladder is None else self._ladder.dense
+
+    def _standing(self) -> dict[str, Any] | None:
+        """The report of the compression the model stands on now (rolled-back rungs skipped)."""
+        standing = [r for r in self.reports if (r.get("ladder") or {}).get("decision") != "rolled back"]
+        return standing[-1] if standing else None
+
+    @property
     def ranks(self) -> dict[str, int]:
-        """Layer name → rank after the last compression."""
-        if not self.reports:
+        """Layer name → rank after the last compression (with rounds="auto": of the rung kept)."""
+        report = self._standing()
+        if report is None:
             return {}
-        return {layer["name"]: layer["rank"] for layer in self.reports[-1]["layers"] if layer["rank"] is not None}
+        return {layer["name"]: layer["rank"] for layer in report["layers"] if layer["rank"] is not None}
+
+    @property
+    def compression_ratio(self) -> float:
+        """Whole-model parameters before the first compression over those now."""
+        report = self._standing()
+        if report is None:
+            return 1.0
+        return self.reports[0]["totals"]["model_params_before"] / report["totals"]["model_params_after"]
 
     @property
     def round(self) -> int:
@@ -177,7 +217,19 @@ class LMDCompressionBase(_Hooks):
 
     @property
     def compressed(self) -> bool:
+        if self._ladder is not None:
+            return self._standing() is not None
         return self.round > 0
+
+    @property
+    def _rounds(self) -> int:
+        """The rounds the schedule plans: the ladder's first rung only is the schedule's."""
+        return 1 if self.rounds == AUTO else self.rounds
+
+    def _watching(self) -> bool:
+        if self._ladder is not None:
+            return not self._ladder.finished and self.failure is None
+        return self.round < self.rounds
 
     @property
     def compressed_epoch(self) -> int | None:
@@ -220,7 +272,7 @@ class LMDCompressionBase(_Hooks):
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self.round < self.rounds:
+        if self._watching():
             self._watch.before_optimizer_step(trainer, optimizer, self._info)
 
     @override
@@ -240,9 +292,11 @@ class LMDCompressionBase(_Hooks):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.round < self.rounds and self.failure is None:
+        if self._watching() and self.failure is None:
             self._watch.measure_epoch(trainer, pl_module, lambda: self._target_weights(pl_module), self._info)
-        if self._due(trainer.current_epoch):
+        if self._ladder is not None:
+            self._climb(trainer, pl_module)
+        elif self._due(trainer.current_epoch):
             self._compress(trainer, pl_module)
         self._watch.refresh(pl_module)  # swaps happen only above
 
@@ -252,6 +306,8 @@ class LMDCompressionBase(_Hooks):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._ladder is not None and self._ladder.pending is not None:
+            self._validate_rung(trainer, pl_module, last=True)  # a rung the run ended in must hold too
         self.lmd.at_train_end(trainer, pl_module, self._info, self._warn)
         record = self.guard_record
         if record is not None and record.after is not None and self.monitor in trainer.callback_metrics:
@@ -269,6 +325,7 @@ class LMDCompressionBase(_Hooks):
             "failure": self.failure,
             **self._guarding.state_dict(),
             **self._watch.state_dict(),
+            "ladder": None if self._ladder is None else self._ladder.state_dict(),
         }
 
     @override
@@ -277,6 +334,8 @@ class LMDCompressionBase(_Hooks):
         self.reports, self.failure = state_dict["reports"], state_dict["failure"]
         self._guarding.load_state_dict(state_dict)
         self._watch.load_state_dict(state_dict)
+        if self._ladder is not None and state_dict.get("ladder") is not None:
+            self._ladder.load_state_dict(state_dict["ladder"])
 
     # ---- the work ----
 
@@ -292,7 +351,9 @@ class LMDCompressionBase(_Hooks):
         )
         if last is None and self.trigger != "epoch":
             self._warn("LMDCompression: the Trainer has no max_epochs, so compression is never forced")
-        self._schedule = Schedule(self.min_epochs, last, self.rounds, by_epoch=self.trigger == "epoch")
+        if self._ladder is not None and (trainer.max_epochs is None or trainer.max_epochs < 0):
+            raise ValueError("LMDCompression(rounds='auto') times its rungs by the Trainer's epochs: set max_epochs")
+        self._schedule = Schedule(self.min_epochs, last, self._rounds, by_epoch=self.trigger == "epoch")
 
     def _check_targets(self, pl_module: pl.LightningModule) -> None:
         targets = find_targets(pl_module, self.include, self.exclude, self.filter_fn, self.tied)
@@ -327,14 +388,17 @@ class LMDCompressionBase(_Hooks):
                 return
             report = self._apply(pl_module, policy)
             surgery.check_training_step(trainer, pl_module)  # a swap never leaves a model that cannot train
-            if self.monitor is not None:
+            if self._guarding.record is not None and self._ladder is None:
                 self._guarding.record.after = self._evaluate(trainer, pl_module)
             surgery.rebuild(trainer, before)
         except Exception as err:  # leave the dense model training as before, and say why
             undo(pl_module, record)
             surgery.restore(trainer, before)
             self.failure = f"{type(err).__name__}: {err}"
-            self._warn(f"LMDCompression: compression failed, training continues dense. {self.failure}")
+            state = (
+                "dense" if self._ladder is None or self._ladder.kept.rung == 0 else f"at rung {self._ladder.kept.rung}"
+            )
+            self._warn(f"LMDCompression: compression failed, training continues {state}. {self.failure}")
             return
         finally:
             self.lmd.drop_calibration()
@@ -359,7 +423,12 @@ class LMDCompressionBase(_Hooks):
         self.lmd.release()
 
     def _choose_policy(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict) -> RankPolicy | None:
-        """This round's policy; with a `monitor`, also the sweep, and the guard's search if asked for."""
+        """This round's policy; with a `monitor`, also the sweep, and the guard's search if asked for.
+
+        With rounds="auto" the ladder's rung is the policy: it is validated after fine-tuning instead.
+        """
+        if self._ladder is not None:
+            return self._ladder.policy(self.policy)
         return self._guarding.choose(
             self._watch.policy_for(self.policy.for_round(self.round + 1, self.rounds)),
             evaluate=lambda: self._evaluate(trainer, pl_module),
@@ -372,9 +441,24 @@ class LMDCompressionBase(_Hooks):
         self.compressed_epochs.append(trainer.current_epoch)
         record = self.guard_record
         guard = None if record is None else {"before": record.before, "after": record.after}
-        self.reports.append({**report.to_dict(), "epoch": trainer.current_epoch, "trigger": why, "guard": guard})
+        entry = {**report.to_dict(), "epoch": trainer.current_epoch, "trigger": why, "guard": guard}
+        if self._ladder is not None:
+            dense_params = (
+                self.reports[0]["totals"]["model_params_before"] if self.reports else report.model_params_before
+            )
+            rung = self._ladder.add(
+                trainer.current_epoch,
+                self._ladder.policy(self.policy).knob_value,
+                report.model_params_after,
+                dense_params,
+            )
+            entry["ladder"] = dataclasses.asdict(rung)
+            why = f"{why}; ladder rung {rung.rung}/{self._ladder.plan.rungs}"
+        self.reports.append(entry)
         self.convergence.reset()  # the next round waits for fine-tuning to re-converge
         where = f"round {self.round}/{self.rounds} at epoch {trainer.current_epoch}"
+        if self._ladder is not None:
+            where = f"at epoch {trainer.current_epoch}"
         self._info(f"LMDCompression: compressed, {where} ({why}).\n{report}")
         if record is not None:
             self._info(
@@ -387,6 +471,91 @@ class LMDCompressionBase(_Hooks):
             logs.log_compression(
                 trainer.loggers, trainer.global_step, report, self.round, record, self.sweep, self.monitor
             )
+
+    # ---- rounds="auto": the validated ladder (ladder.py) ----
+
+    def _check_auto(self, policy: RankPolicy, tied: str) -> Ladder:
+        guard = self.guard
+        if self.monitor is None or guard.max_drop is None:
+            raise ValueError(
+                "rounds='auto' keeps each rung only if the validation metric holds: it needs `monitor` (a metric "
+                f"validation_step logs) and guard=Guard(max_drop=...); got monitor={self.monitor!r}, "
+                f"max_drop={guard.max_drop!r}"
+            )
+        if policy.knob is None:
+            raise ValueError(
+                f"rounds='auto' climbs the policy's knob in rungs; {policy!r} has none (use EnergyRank, RankRatio, "
+                "ErrorBound or GlobalBudget)"
+            )
+        if self._watch.kind == "stable_rank":
+            raise ValueError("rounds='auto': the stable-rank trigger switches once; use trigger='grad_norm' or 'epoch'")
+        if tied == "joint":
+            raise ValueError("rounds='auto' cannot roll back a tied='joint' pair yet; use tied='dense'")
+        return Ladder(max_drop=guard.max_drop, mode=self.mode)
+
+    def _evaluate_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """The monitored metric on every validation batch (not the guard's first few)."""
+        return surgery.evaluate(trainer, pl_module, self.monitor, max_batches=None)
+
+    def _keep(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rung: int) -> Kept:
+        state = {key: value.detach().to("cpu", copy=True) for key, value in pl_module.state_dict().items()}
+        return Kept(rung, state, surgery.optimizer_states(trainer, pl_module))
+
+    def _climb(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """At an epoch start: the first rung once the trigger fires, then validate, keep and climb, or roll back."""
+        ladder, epoch = self._ladder, trainer.current_epoch
+        if ladder.finished or self.failure is not None:
+            return
+        if not ladder.started:
+            if self._due(epoch):
+                dense = self._evaluate_all(trainer, pl_module)
+                ladder.start(epoch, trainer.max_epochs, dense, self._keep(trainer, pl_module, 0))
+                plan = ladder.plan
+                self._info(
+                    f"LMDCompression ladder: dense {self.monitor} {dense:.4f}; up to {plan.rungs} rungs of at most "
+                    f"{plan.rung_epochs} epochs from epoch {epoch}, final fine-tune from epoch {plan.final_from} at "
+                    f"the latest"
+                )
+                self._compress(trainer, pl_module)
+                ladder.finished = ladder.pending is None  # the first rung failed: dense, and said why
+            return
+        if ladder.validation_due(epoch, self.convergence.converged):
+            self._validate_rung(trainer, pl_module)
+
+    def _validate_rung(self, trainer: pl.Trainer, pl_module: pl.LightningModule, last: bool = False) -> None:
+        ladder, epoch = self._ladder, trainer.current_epoch
+        value = self._evaluate_all(trainer, pl_module)
+        kept = ladder.decide(epoch, value)
+        rung = ladder.rungs[-1]
+        self.reports[-1]["ladder"] = dataclasses.asdict(rung)
+        self._info(
+            f"LMDCompression ladder: rung {rung.rung} ({rung.params:,} params, {rung.smaller:.2f}× smaller) "
+            f"{self.monitor} {value:.4f} after fine-tuning, dense {ladder.dense:.4f}: {rung.decision}"
+        )
+        if kept:
+            ladder.kept = self._keep(trainer, pl_module, rung.rung)
+        else:
+            self._roll_back(trainer, pl_module)
+        if trainer.loggers:
+            from lmd_lightning.callback import logs
+
+            logs.log_ladder(trainer.loggers, trainer.global_step, ladder, self.monitor)
+        if kept and not last and ladder.more(epoch):
+            self._compress(trainer, pl_module)
+            ladder.finished = ladder.pending is None  # that rung failed: the kept one trains on
+        else:
+            ladder.finished = True
+
+    def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Back to the last kept rung: its structure, weights and optimizer moments; the LR schedule runs on."""
+        kept, before = self._ladder.kept, surgery.snapshot(trainer)
+        restore_structure_(pl_module, kept.state)
+        pl_module.load_state_dict(kept.state)
+        surgery.rebuild(trainer, before)
+        surgery.load_optimizer_states(trainer, pl_module, kept.optimizers)
+        self.convergence.reset()
+        where = "the dense model" if kept.rung == 0 else f"rung {kept.rung}"
+        self._info(f"LMDCompression ladder: rolled back to {where}, which trains for the rest of the run")
 
     def _report_final(self, value: float) -> None:
         record = self._guarding.record

@@ -14,19 +14,37 @@ from lmd_lightning.callback import surgery
 from lmd_lightning.checks import check_bool
 from lmd_lightning.lmd.regularize import Regularizer, RegularizerRun
 from lmd_lightning.truncate.calibration import Calibration, DataMetric
+from lmd_lightning.truncate.loss_metric import LossMetric
 from lmd_lightning.truncate.maps import fold_, metric_map_layers
 from lmd_lightning.truncate.targets import undo, undo_record
 
-__all__ = ["LMDOptions"]
+__all__ = ["CALLBACK_METRICS", "LMDOptions", "truncation_settings"]
+
+CALLBACK_METRICS = ("loss", "data", "weight")
+
+
+def truncation_settings(metric: str | DataMetric | LossMetric) -> DataMetric | LossMetric | None:
+    """The callback's `metric`: None for "weight", the settings for "data" / "loss" or a DataMetric / LossMetric."""
+    if isinstance(metric, (DataMetric, LossMetric)):
+        return metric
+    if metric == "loss":
+        return LossMetric()
+    if metric in ("weight", "data"):
+        return DataMetric.of(metric)
+    raise ValueError(f"`metric` must be one of {CALLBACK_METRICS}, a DataMetric or a LossMetric, got {metric!r}")
 
 
 class LMDOptions:
     """Validated LMD options and their work inside a fit: calibration, the penalty, the fold."""
 
     def __init__(
-        self, metric: str | DataMetric, metric_maps: bool, regularizer: str | Regularizer | None, fold_maps: bool
+        self,
+        metric: str | DataMetric | LossMetric,
+        metric_maps: bool,
+        regularizer: str | Regularizer | None,
+        fold_maps: bool,
     ) -> None:
-        self.data_metric = DataMetric.of(metric)
+        self.data_metric = truncation_settings(metric)  # DataMetric, LossMetric, or None for "weight"
         check_bool(metric_maps, "metric_maps")
         check_bool(fold_maps, "fold_maps")
         self.metric_maps, self.fold_maps = metric_maps, fold_maps
@@ -37,21 +55,18 @@ class LMDOptions:
             )
         self._run = RegularizerRun(self.regularizer) if self.regularizer is not None else None
         self.calibration: Calibration | None = None  # the batches of the compression under way
+        self._settings: DataMetric | LossMetric | None = None  # with the step's loss or forward filled in
 
     def compress_kwargs(self) -> dict[str, Any]:
         """What `compress_` needs from these options."""
-        return {
-            "metric": self.data_metric or "weight",
-            "calibration": self.calibration,
-            "metric_maps": self.metric_maps,
-        }
+        return {"metric": self._settings or "weight", "calibration": self.calibration, "metric_maps": self.metric_maps}
 
     def read_calibration(self, trainer: pl.Trainer) -> None:
         if self.data_metric is not None:
-            self.calibration = surgery.calibration(trainer, self.data_metric)
+            self._settings, self.calibration = surgery.calibration(trainer, self.data_metric)
 
     def drop_calibration(self) -> None:
-        self.calibration = None  # do not keep the batches alive between rounds
+        self.calibration = self._settings = None  # do not keep the batches alive between rounds
 
     def before_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._run is not None and self._run.due(trainer.global_step):

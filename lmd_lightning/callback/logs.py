@@ -20,7 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 from lmd_lightning.callback.guard import GuardRecord, SweepPoint
 from lmd_lightning.truncate.report import CompressionReport, count_label
 
-__all__ = ["log_compression", "log_final", "log_layout", "writers"]
+__all__ = ["log_compression", "log_final", "log_ladder", "log_layout", "writers"]
 
 MAX_SPECTRA = 12  # layers drawn in the spectra figure; histograms cover all of them
 
@@ -40,6 +40,7 @@ def log_layout(loggers: list, monitor: str | None) -> None:
     if monitor is not None:
         charts["metric"] = ["Multiline", ["lmd/metric_before", "lmd/metric_after", monitor]]
         charts["rank-accuracy sweep"] = ["Multiline", [f"lmd/sweep/{monitor}"]]
+        charts["ladder"] = ["Multiline", [f"lmd/ladder/{monitor}", "lmd/ladder/dense"]]
     for writer in writers(loggers):
         writer.add_custom_scalars({"lmd": charts})
 
@@ -120,6 +121,53 @@ def _sweep(
     writer.add_figure("lmd/rank_accuracy_sweep", fig, step)
 
 
+def log_ladder(loggers: list, step: int, ladder: Any, monitor: str) -> None:
+    """rounds="auto": each decided rung's scalars to every logger, and the ladder as a TensorBoard figure.
+
+    Scalars: `lmd/ladder/rung`, `lmd/ladder/params`, `lmd/ladder/<monitor>` (validated after the
+    rung's fine-tuning), `lmd/ladder/dense` and `lmd/ladder/kept` (1 kept, 0 rolled back).
+    """
+    rung = next((r for r in reversed(ladder.rungs) if r.decision != "pending"), None)
+    if rung is None:
+        return
+    scalars = {
+        "lmd/ladder/rung": float(rung.rung),
+        "lmd/ladder/params": float(rung.params),
+        f"lmd/ladder/{monitor}": float(rung.value),
+        "lmd/ladder/dense": float(ladder.dense),
+        "lmd/ladder/kept": float(rung.decision == "kept"),
+    }
+    for logger in loggers:
+        logger.log_metrics(scalars, step)
+    for writer in writers(loggers):
+        writer.add_figure("lmd/ladder", ladder_figure(ladder, monitor), step)
+        writer.flush()
+
+
+def ladder_figure(ladder: Any, monitor: str) -> Figure:
+    """The validated metric of every decided rung over its parameters, the dense value and the allowed band."""
+    decided = [r for r in ladder.rungs if r.decision != "pending"]
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.add_subplot()
+    dense_params = decided[0].params_before if decided else 1
+    limit = ladder.dense - ladder.max_drop if ladder.mode == "max" else ladder.dense + ladder.max_drop
+    ax.axhline(ladder.dense, color="gray", label="dense")
+    ax.axhline(limit, color="gray", linestyle=":", label=f"allowed (±{ladder.max_drop:g})")
+    ax.plot([dense_params] + [r.params for r in decided], [ladder.dense] + [r.value for r in decided], "-", color="C0")
+    for decision, marker, color in (("kept", "o", "C2"), ("rolled back", "x", "C3")):
+        points = [r for r in decided if r.decision == decision]
+        if points:
+            ax.plot([r.params for r in points], [r.value for r in points], marker, color=color, label=decision)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(count_label))
+    ax.xaxis.set_minor_formatter(FuncFormatter(count_label))
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(f"{monitor} after fine-tuning")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def log_final(trainer: Any, pl_module: Any, callback: Any) -> None:
     """The callback's hyper-parameters with the final metrics on TensorBoard loggers; `hp_metric` gets a real value.
 
@@ -135,7 +183,7 @@ def log_final(trainer: Any, pl_module: Any, callback: Any) -> None:
         **callback.lmd.hparams(),
         "lmd/compressed_epochs": str(callback.compressed_epochs),
     }
-    ratio = callback.reports[-1]["totals"]["compression_ratio"] if callback.reports else 1.0
+    ratio = callback.compression_ratio
     params = sum(p.numel() for p in pl_module.parameters())
     metrics = {"lmd/final_params": float(params), "lmd/compression_ratio": float(ratio)}
     monitor = callback.monitor

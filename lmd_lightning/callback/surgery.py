@@ -7,8 +7,10 @@
   state of every surviving parameter over, continue the LR schedule, and re-wrap DDP;
 - `restore`: go back to the optimizers from before a swap that failed;
 - `evaluate`: the user's validation metric on a few batches, outside Lightning's loops;
-- `calibration`: training batches for metric="data", on the device, summed over processes;
-- `check_training_step`: one training step of the swapped model on a real batch, leaving no trace.
+- `calibration`: training batches for metric="data" and "loss", on the device, summed over processes;
+- `check_training_step`: one training step of the swapped model on a real batch, leaving no trace;
+- `optimizer_states` / `load_optimizer_states`: per-parameter optimizer state by parameter name,
+  copied to the CPU and put back (the rounds="auto" ladder's roll-back).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from lmd_lightning.truncate.calibration import Calibration, DataMetric, default_forward
+from lmd_lightning.truncate.calibration import Calibration, DataMetric, default_forward, samples_in
 from lmd_lightning.truncate.check import check_step
+from lmd_lightning.truncate.loss_metric import LossMetric
 
 __all__ = [
     "Snapshot",
@@ -167,18 +170,6 @@ def rebuild(trainer: pl.Trainer, before: Snapshot) -> dict[str, Any]:
     return {"carried_states": carried, "schedulers": len(after.lr_scheduler_configs)}
 
 
-def _batch_size(batch: Any) -> int:
-    if torch.is_tensor(batch):
-        return batch.shape[0] if batch.dim() else 1
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
-        return next(
-            (_batch_size(item) for item in batch if torch.is_tensor(item) or isinstance(item, (list, tuple))), 1
-        )
-    return 1
-
-
 def _loaders(trainer: pl.Trainer) -> list:
     loaders = trainer.val_dataloaders
     if loaders is None:
@@ -220,8 +211,8 @@ def _silenced(pl_module: pl.LightningModule) -> Iterator[None]:
 
 
 @torch.no_grad()
-def evaluate(trainer: pl.Trainer, pl_module: pl.LightningModule, metric: str, max_batches: int) -> float:
-    """Mean of `metric` as the user's `validation_step` logs it, over at most `max_batches` per loader.
+def evaluate(trainer: pl.Trainer, pl_module: pl.LightningModule, metric: str, max_batches: int | None) -> float:
+    """Mean of `metric` as the user's `validation_step` logs it, over at most `max_batches` per loader (None: all).
 
     `self.log`/`self.log_dict` are intercepted for the duration, so nothing reaches the loggers,
     the progress bar or callbacks such as EarlyStopping. Values are weighted by batch size and,
@@ -252,9 +243,9 @@ def evaluate(trainer: pl.Trainer, pl_module: pl.LightningModule, metric: str, ma
                 extra = {"dataloader_idx": index} if len(loaders) > 1 else {}
                 suffix = f"/dataloader_idx_{index}" if len(loaders) > 1 else ""
                 for batch_idx, batch in enumerate(loader):
-                    if batch_idx >= max_batches:
+                    if max_batches is not None and batch_idx >= max_batches:
                         break
-                    size = _batch_size(batch)
+                    size = samples_in(batch)
                     batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
                     trainer.strategy.validation_step(batch, batch_idx, **extra)  # precision context, DDP path
     finally:
@@ -340,15 +331,36 @@ def _step_forward(pl_module: pl.LightningModule) -> Any:
     return forward
 
 
-def calibration(trainer: pl.Trainer, settings: DataMetric) -> Calibration:
-    """The first `settings.batches` training batches (all of them for None), moved to the device, as a Calibration run.
+def _step_loss(pl_module: pl.LightningModule) -> Any:
+    """`loss(model, batch)` for the loss metric: the loss the module's own `training_step` returns."""
 
-    Without `settings.forward` each batch runs through the module's own `training_step` (in eval
-    mode, without gradients, logging held back). Forward passes run under the trainer's precision
-    context; moments are summed over DDP processes so that every process computes the same factors.
+    def loss(_model: Any, batch: Any) -> torch.Tensor:
+        output = pl_module.training_step(batch, 0)
+        value = output.get("loss") if isinstance(output, Mapping) else output
+        if not torch.is_tensor(value):
+            raise TypeError(
+                "metric='loss' needs `training_step` to return the loss (a Tensor, or a dict with a 'loss' Tensor), "
+                f"got {type(output).__name__}; pass metric='data' or LossMetric(loss=fn) instead"
+            )
+        return value
+
+    return loss
+
+
+def calibration(trainer: pl.Trainer, settings: DataMetric | LossMetric) -> tuple[DataMetric | LossMetric, Calibration]:
+    """The settings to truncate with, and the first `settings.batches` training batches (all for None) on the device.
+
+    Without `settings.forward` (DataMetric) or `settings.loss` (LossMetric) each batch runs through
+    the module's own `training_step` (in eval mode, logging held back; without gradients for the
+    data metric, with a backward of the step's loss for the loss metric). Passes run under the
+    trainer's precision context; moments are summed over DDP processes so that every process
+    computes the same factors.
     """
     pl_module = trainer.lightning_module
-    if settings.forward is None:
+    if isinstance(settings, LossMetric):
+        if settings.loss is None:
+            settings = replace(settings, loss=_step_loss(pl_module))
+    elif settings.forward is None:
         settings = replace(settings, forward=_step_forward(pl_module))
 
     @contextmanager
@@ -356,9 +368,47 @@ def calibration(trainer: pl.Trainer, settings: DataMetric) -> Calibration:
         with trainer.precision_plugin.forward_context(), _silenced(pl_module):
             yield
 
-    return Calibration(
+    return settings, Calibration(
         _training_batches(trainer, settings.batches),
         settings,
         reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"),
         context=context,
     )
+
+
+def _to(value: Any, device: Any) -> Any:
+    return value.detach().to(device, copy=True) if torch.is_tensor(value) else value
+
+
+def optimizer_states(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict[str, dict[str, Any]]]:
+    """Each optimizer's per-parameter state, keyed by parameter name, copied to the CPU."""
+    names = {param: name for name, param in pl_module.named_parameters()}
+    return [
+        {names[p]: {key: _to(value, "cpu") for key, value in opt.state[p].items()} for p in opt.state if p in names}
+        for opt in trainer.strategy.optimizers
+    ]
+
+
+def load_optimizer_states(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, states: list[dict[str, dict[str, Any]]]
+) -> int:
+    """Put `optimizer_states`' copies back on the parameters of those names; returns how many.
+
+    A tensor shaped like its parameter goes to the parameter's device; a scalar (Adam's `step`)
+    stays on the CPU unless its group is `capturable` or `fused`, as torch's optimizers keep it.
+    """
+    params = dict(pl_module.named_parameters())
+    loaded = 0
+    for opt, saved in zip(trainer.strategy.optimizers, states):
+        for group in opt.param_groups:
+            on_device = bool(group.get("capturable")) or bool(group.get("fused"))
+            for param in group["params"]:
+                name = next((n for n, p in params.items() if p is param), None)
+                if name is None or name not in saved:
+                    continue
+                opt.state[param] = {
+                    key: _to(value, param.device if on_device or (torch.is_tensor(value) and value.dim()) else "cpu")
+                    for key, value in saved[name].items()
+                }
+                loaded += 1
+    return loaded

@@ -227,7 +227,7 @@ def _fit(
 def _compression(cfg: DictConfig) -> LMDCompression | None:
     """The callback, or None for compression=none; policy and trigger are built alone first for clear errors."""
     if cfg.compression is None:
-        data_metric = cfg.get("metric") is not None and OmegaConf.select(cfg, "metric.object") != "weight"
+        data_metric = OmegaConf.select(cfg, "metric._target_") == "lmd_lightning.DataMetric"  # loss: the default
         lmd_options = [
             key for key, on in (("regularizer", cfg.get("regularizer") is not None), ("metric", data_metric)) if on
         ]
@@ -272,8 +272,9 @@ def _results(
             "failure": compression.failure,
             "monitor": compression.monitor,
             # before the first round and right after the last: with rounds > 1 these are different models
-            "monitor_before": guards[0].get("before"),
+            "monitor_before": guards[0].get("before", compression.dense_value),
             "monitor_after_truncation": guards[-1].get("after"),
+            "ladder": [dataclasses.asdict(rung) for rung in compression.ladder],
             "reports": compression.reports,
         }
     return results
@@ -303,6 +304,8 @@ def _summarise(results: dict[str, Any], path: Path) -> None:
     ]
     if results.get("monitor_after_truncation") is not None:
         rows.append(("truncated, no fine-tune", results["params"], results["monitor_after_truncation"], None))
+    for rung in results.get("ladder") or []:  # rounds="auto": each rung after its fine-tuning
+        rows.append((f"rung {rung['rung']}, {rung['decision']}", rung["params"], rung["value"], None))
     rows.append(("final", results["params"], results.get(metric), results.get(test)))
     print(f"\n{'model':<26}{'params':>12}{metric:>12}{test:>12}")
     for name, params, val, test_value in rows:

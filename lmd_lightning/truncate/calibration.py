@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -31,12 +31,16 @@ from torch import Tensor, nn
 from lmd_lightning.checks import check_bool, check_callable, check_int, check_number
 from lmd_lightning.layers.base import FactoredModule
 from lmd_lightning.layers.registry import kind_of
-from lmd_lightning.truncate.check import cuda_devices
+from lmd_lightning.truncate.check import cuda_devices, eager
+
+if TYPE_CHECKING:
+    from lmd_lightning.truncate.loss_metric import LossMetric
 
 __all__ = [
     "Calibration",
     "DataMetric",
     "METRICS",
+    "samples_in",
     "default_forward",
     "dense_forward",
     "layer_rows",
@@ -63,6 +67,17 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
         f"cannot feed a calibration batch of type {type(batch).__name__} to the model; pass "
         "DataMetric(forward=fn) with fn(model, batch) running the forward pass"
     )
+
+
+def samples_in(batch: Any) -> int:
+    """The number of samples in a batch: the first dimension of its first tensor (1 if it has none)."""
+    if torch.is_tensor(batch):
+        return batch.shape[0] if batch.dim() else 1
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        return next((samples_in(item) for item in batch if torch.is_tensor(item) or isinstance(item, (list, tuple))), 1)
+    return 1
 
 
 @dataclass(frozen=True)
@@ -154,12 +169,12 @@ class Calibration:
     def __init__(
         self,
         batches: Iterable[Any],
-        settings: DataMetric,
+        settings: DataMetric | LossMetric,
         reduce: Callable[[Tensor], Tensor] | None = None,
         context: Callable[[], Any] | None = None,
     ) -> None:
         self.settings = settings
-        self.forward = settings.forward or default_forward
+        self.forward = getattr(settings, "forward", None) or default_forward  # a LossMetric has its own loss
         self.reduce = reduce or (lambda tensor: tensor)
         self.context = context or nullcontext
         self.batches = []
@@ -168,7 +183,9 @@ class Calibration:
             if settings.batches is not None and len(self.batches) >= settings.batches:
                 break  # before fetching one more
         if not self.batches:
-            raise ValueError("`metric='data'` needs calibration data, but the calibration iterable yielded no batch")
+            raise ValueError(
+                f"metric={settings!r} needs calibration data, but the calibration iterable yielded no batch"
+            )
 
     @contextmanager
     def _running(self, model: nn.Module, hooks: Mapping[nn.Module, Callable]) -> Iterator[None]:
@@ -177,7 +194,7 @@ class Calibration:
         handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), eager():
                 yield
         finally:
             for handle in handles:

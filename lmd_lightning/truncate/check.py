@@ -8,6 +8,7 @@ step and go back to the dense layers if it raises. The step leaves no trace: gra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -15,7 +16,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModelCheckError", "check_step", "cuda_devices", "output_loss"]
+__all__ = ["ModelCheckError", "check_step", "cuda_devices", "eager", "output_loss"]
+
+
+def eager() -> Any:
+    """A context in which torch.compile'd modules run eagerly, so that forward hooks on their submodules fire.
+
+    Calibration hooks each layer; a compiled graph would run past them. Without `set_stance` (torch < 2.6)
+    it is a no-op, and a compiled layer reports that it received no calibration input.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def cuda_devices(model: nn.Module) -> list[int]:

@@ -231,6 +231,11 @@ def _validate(
     if isinstance(metric, LossMetric):
         if calibration is None:
             raise ValueError("`metric=LossMetric(...)` needs `calibration`: an iterable of batches for its loss")
+        if metric.loss is None:
+            raise ValueError(
+                "`metric=LossMetric(loss=None)`: compress_ needs the loss, LossMetric(loss=fn) with fn(model, batch) "
+                "returning the batch's scalar loss (loss=None is LMDCompression's: its training_step's loss)"
+            )
         return metric
     settings = DataMetric.of(metric)
     if settings is not None and calibration is None:
@@ -337,7 +342,15 @@ def _compress(
     moments = None  # metric="data": the calibration run (sequential fits need it again)
     per_layer: dict[nn.Module, Any] = {}  # each layer's moments in its metric
     if isinstance(settings, LossMetric):
-        per_layer = loss_moments(model, [plan.target.module for plan in active], calibration, settings)
+        run = calibration if isinstance(calibration, Calibration) else None  # the callback's: DDP sums, precision
+        per_layer = loss_moments(
+            model,
+            [plan.target.module for plan in active],
+            calibration if run is None else run.batches,
+            settings,
+            reduce=None if run is None else run.reduce,
+            context=None if run is None else run.context,
+        )
         for plan in active:
             if isinstance(per_layer[plan.target.module], str):
                 plan.report.reason = per_layer[plan.target.module]

@@ -17,7 +17,7 @@ from lmd_lightning.layers.base import FactoredModule, copy_requires_grad
 from lmd_lightning.layers.registry import kind_of, split_of
 from lmd_lightning.truncate.targets import disable_fused_fast_paths, joint_pairs, swap_module, undo, undo_record
 
-__all__ = ["restore_factored_"]
+__all__ = ["restore_factored_", "restore_structure_"]
 
 
 def _rebuilt(module: nn.Module, prefix: str, state_dict: Mapping[str, Tensor]) -> nn.Module | None:
@@ -104,3 +104,44 @@ def restore_factored_(model: nn.Module, state_dict: Mapping[str, Tensor]) -> lis
         raise
     disable_fused_fast_paths(model)
     return rebuilt
+
+
+@torch.no_grad()
+def restore_structure_(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
+    """Give `model` the structure `state_dict` records, factored or dense, so that a strict load works.
+
+    Unlike `restore_factored_`, a factored layer that the state dict holds dense (`<name>.weight`, no
+    `<name>.U`) goes back to its dense kind, and a split attention module the state dict holds merged
+    goes back to nn.MultiheadAttention; then every factored entry is rebuilt at its rank. Values arrive
+    with `load_state_dict`. Returns the names of the layers changed. A bad entry leaves the model as it was.
+    """
+    from lmd_lightning.layers.attention import FactoredMultiheadAttention
+
+    check_module(model)
+    record = undo_record(model)
+    changed = []
+    try:
+        for name, module in list(model.named_modules()):
+            prefix = f"{name}." if name else ""
+            if (
+                isinstance(module, FactoredModule)
+                and prefix + "U" not in state_dict
+                and prefix + "weight" in state_dict
+            ):
+                dense = module.to_dense()
+                copy_requires_grad(module, dense)
+                swap_module(model, module, dense)
+                changed.append(name)
+        for name, module in list(model.named_modules()):
+            prefix = f"{name}." if name else ""
+            children = FactoredMultiheadAttention.split_children
+            split_keys = any(key.startswith(f"{prefix}{child}.") for key in state_dict for child in children)
+            if isinstance(module, FactoredMultiheadAttention) and not split_keys:
+                swap_module(model, module, module.to_mha())
+                changed.append(name)
+        changed += _restore(model, state_dict)
+    except BaseException:
+        undo(model, record)
+        raise
+    disable_fused_fast_paths(model)
+    return changed

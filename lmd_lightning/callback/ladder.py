@@ -1,0 +1,162 @@
+"""rounds="auto": compress in rungs, fine-tune and validate each, keep the last rung that holds the metric.
+
+Framework-free: the callback hands in the epochs, the measured values and the model's state; this
+module decides. The ladder, for a Trainer of E epochs whose trigger fires at epoch t₀:
+
+- R = E − t₀ epochs are left. A rung fine-tunes for at most k = max(1, round(R/6)) epochs
+  (less when ‖∇L‖ re-converges first, at least one epoch); the last max(1, R//4) epochs are kept
+  for the final fine-tune, so n = max(1, (R − max(1, R//4)) // k) rungs fit before it. With
+  E = 30 and t₀ = 10: five rungs of three epochs, then five epochs of final fine-tuning.
+- Rung j applies `policy.for_round(j, n)` to the model the last kept rung left: each keeps the
+  n-th root of the policy's share, so rung n reaches the policy, the most aggressive setting
+  allowed (GlobalBudget(params=0.05), n = 5: 55%, 30%, 16%, 9%, 5% of the dense parameters).
+- The dense metric is measured on the whole validation set at t₀, each rung's after its
+  fine-tuning. A rung within `max_drop` of dense is kept: its weights and optimizer state are
+  copied (to the CPU, and into checkpoints) and the next rung starts. The first rung that is not
+  is rolled back to the last kept one, which then trains for the rest of the run.
+- The LR schedule follows the Trainer's epochs throughout: a roll-back restores weights and
+  optimizer moments, not the schedule's position, so the final fine-tune anneals as planned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from lmd_lightning.truncate.policies import RankPolicy
+
+__all__ = ["AUTO", "DECISIONS", "Kept", "Ladder", "LadderPlan", "Rung"]
+
+AUTO = "auto"
+DECISIONS = ("pending", "kept", "rolled back")
+
+
+@dataclass(frozen=True)
+class LadderPlan:
+    """The ladder's timing, fixed when the trigger fires (see the module docstring)."""
+
+    start: int  # t₀: the epoch of the first rung
+    rung_epochs: int  # k: the most epochs a rung fine-tunes before it is validated
+    rungs: int  # n: rungs that fit before the final fine-tune
+    last_epoch: int  # E: the Trainer's max_epochs
+
+    @classmethod
+    def derive(cls, start: int, max_epochs: int) -> LadderPlan:
+        left = max(max_epochs - start, 1)
+        k = max(1, round(left / 6))
+        final = max(1, left // 4)
+        return cls(start, k, max(1, (left - final) // k), max_epochs)
+
+    @property
+    def final_from(self) -> int:
+        """The epoch from which no new rung starts: the final fine-tune."""
+        return self.start + self.rungs * self.rung_epochs
+
+
+@dataclass
+class Rung:
+    """One rung: compressed at `epoch` to `params`, validated at `validated_epoch` to `value`."""
+
+    rung: int  # 1-based
+    epoch: int
+    setting: float | None  # the knob of the policy applied in this rung (a share of what the last rung left)
+    params: int  # the model's parameters after this rung's truncation
+    params_before: int  # the dense model's
+    value: float | None = None
+    validated_epoch: int | None = None
+    decision: str = "pending"
+
+    @property
+    def smaller(self) -> float:
+        return self.params_before / max(self.params, 1)
+
+
+@dataclass
+class Kept:
+    """A copy of the last kept state: the model's state dict and each optimizer's per-parameter state by name."""
+
+    rung: int  # 0: the dense model
+    state: dict[str, Tensor]
+    optimizers: list[dict[str, dict[str, Any]]]
+
+
+@dataclass
+class Ladder:
+    """The ladder's state; `state_dict()` holds everything a resumed run needs, the kept copy included."""
+
+    max_drop: float
+    mode: str = "max"
+    plan: LadderPlan | None = None
+    dense: float | None = None  # the dense model's metric on the whole validation set
+    rungs: list[Rung] = field(default_factory=list)
+    kept: Kept | None = None
+    finished: bool = False
+
+    @property
+    def started(self) -> bool:
+        return self.plan is not None
+
+    @property
+    def pending(self) -> Rung | None:
+        return self.rungs[-1] if self.rungs and self.rungs[-1].decision == "pending" else None
+
+    def start(self, epoch: int, max_epochs: int, dense: float, kept: Kept) -> None:
+        self.plan, self.dense, self.kept = LadderPlan.derive(epoch, max_epochs), dense, kept
+
+    def policy(self, policy: RankPolicy) -> RankPolicy:
+        """The policy of the next rung."""
+        return policy.for_round(len(self.rungs) + 1, self.plan.rungs)
+
+    def add(self, epoch: int, setting: float | None, params: int, params_before: int) -> Rung:
+        rung = Rung(len(self.rungs) + 1, epoch, setting, params, params_before)
+        self.rungs.append(rung)
+        return rung
+
+    def validation_due(self, epoch: int, converged: bool) -> bool:
+        """At this epoch's start: has the pending rung fine-tuned long enough (or re-converged)?"""
+        rung = self.pending
+        if rung is None:
+            return False
+        trained = epoch - rung.epoch
+        return trained >= self.plan.rung_epochs or (converged and trained >= 1) or epoch >= self.plan.last_epoch - 1
+
+    def passes(self, value: float) -> bool:
+        drop = self.dense - value if self.mode == "max" else value - self.dense
+        return drop <= self.max_drop
+
+    def decide(self, epoch: int, value: float) -> bool:
+        """Record the pending rung's validated value; True if it is kept."""
+        rung = self.pending
+        rung.value, rung.validated_epoch = value, epoch
+        rung.decision = "kept" if self.passes(value) else "rolled back"
+        return rung.decision == "kept"
+
+    def more(self, epoch: int) -> bool:
+        """Whether another rung starts at `epoch` (after a kept one)."""
+        return len(self.rungs) < self.plan.rungs and epoch < self.plan.final_from
+
+    @property
+    def best(self) -> Rung | None:
+        """The last kept rung (None: the dense model)."""
+        kept = [rung for rung in self.rungs if rung.decision == "kept"]
+        return kept[-1] if kept else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "max_drop": self.max_drop,
+            "mode": self.mode,
+            "plan": None if self.plan is None else dataclasses.asdict(self.plan),
+            "dense": self.dense,
+            "rungs": [dataclasses.asdict(rung) for rung in self.rungs],
+            "kept": None if self.kept is None else dataclasses.asdict(self.kept),
+            "finished": self.finished,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.plan = None if state["plan"] is None else LadderPlan(**state["plan"])
+        self.dense, self.finished = state["dense"], state["finished"]
+        self.rungs = [Rung(**rung) for rung in state["rungs"]]
+        self.kept = None if state["kept"] is None else Kept(**state["kept"])

@@ -1,0 +1,187 @@
+"""rounds="auto": the validated ladder, its roll-back, what it logs, and its resumption from a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from lmd_lightning import FactoredLinear, FixedRank, GlobalBudget, Guard, LMDCompression
+from lmd_lightning.callback.ladder import Ladder, LadderPlan
+from tests.lightning_models import LitMLP, loaders, trainer
+
+MIN_PARAMS = 2000  # SizeGated's score is 1 while the model keeps at least this many parameters
+
+
+class SizeGated(LitMLP):
+    """LitMLP whose validation also logs `size_score`: 1 at ≥ MIN_PARAMS parameters, else 0.
+
+    With monitor="size_score" the ladder's decisions are known in advance: a rung is kept exactly
+    when it leaves at least MIN_PARAMS parameters.
+    """
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        self.log("size_score", float(sum(p.numel() for p in self.parameters()) >= MIN_PARAMS))
+
+
+def ladder_callback(**kwargs) -> LMDCompression:
+    options = dict(
+        trigger="epoch", min_epochs=2, exclude="net.4", monitor="size_score", guard=Guard(max_drop=0.5), rounds="auto"
+    )
+    return LMDCompression(GlobalBudget(params=0.1), **{**options, **kwargs})
+
+
+class AtEpochStart(pl.Callback):
+    """After LMDCompression in the list: each epoch start's weights, optimizer momenta and learning rate."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+        self.momenta: dict[int, dict[str, torch.Tensor]] = {}
+        self.lrs: dict[int, float] = {}
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        epoch, opt = trainer.current_epoch, trainer.optimizers[0]
+        self.states[epoch] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        names = {p: n for n, p in pl_module.named_parameters()}
+        self.momenta[epoch] = {names[p]: s["momentum_buffer"].clone() for p, s in opt.state.items() if p in names}
+        self.lrs[epoch] = opt.param_groups[0]["lr"]
+
+
+def run_ladder(epochs: int = 12, callbacks: tuple = (), **fit_kwargs) -> tuple[LMDCompression, AtEpochStart, SizeGated]:
+    pl.seed_everything(0, verbose=False)
+    lmd, probe = ladder_callback(), AtEpochStart()
+    model = SizeGated(max_epochs=epochs)
+    train, val = loaders()
+    trainer(epochs, [lmd, probe, *callbacks], **fit_kwargs).fit(model, train, val)
+    return lmd, probe, model
+
+
+def test_the_plan_follows_the_trainers_epochs() -> None:
+    plan = LadderPlan.derive(start=10, max_epochs=30)  # the issue's hand ladder: 5 rungs of 3 epochs
+    assert (plan.rung_epochs, plan.rungs, plan.final_from) == (3, 5, 25)
+    plan = LadderPlan.derive(start=2, max_epochs=12)
+    assert (plan.rung_epochs, plan.rungs, plan.final_from) == (2, 4, 10)
+    plan = LadderPlan.derive(start=8, max_epochs=12)
+    assert (plan.rung_epochs, plan.rungs, plan.final_from) == (1, 3, 11)  # one epoch of final fine-tune left
+
+
+def test_rungs_are_kept_within_the_drop_in_the_monitors_direction() -> None:
+    ladder = Ladder(max_drop=0.01, mode="max", dense=0.90)
+    assert ladder.passes(0.895) and ladder.passes(0.95) and not ladder.passes(0.885)
+    ladder = Ladder(max_drop=0.1, mode="min", dense=2.0)
+    assert ladder.passes(2.05) and not ladder.passes(2.2)
+
+
+def test_the_ladder_keeps_rungs_while_the_metric_holds_and_rolls_back_the_first_that_does_not() -> None:
+    lmd, probe, model = run_ladder()
+    rungs = lmd.ladder
+    assert [r.epoch for r in rungs] == [2, 4, 6][: len(rungs)] and len(rungs) == 3
+    assert [r.decision for r in rungs] == ["kept", "kept", "rolled back"]
+    assert all(r.params >= MIN_PARAMS for r in rungs[:2]) and rungs[2].params < MIN_PARAMS
+    assert rungs[0].params > rungs[1].params > rungs[2].params
+    assert [r.value for r in rungs] == [1.0, 1.0, 0.0] and lmd.dense_value == 1.0
+    assert [r.validated_epoch for r in rungs] == [4, 6, 8]
+    # the model ends on rung 2: its ranks, its parameter count
+    rung2 = lmd.reports[1]
+    assert lmd.ranks == {layer["name"]: layer["rank"] for layer in rung2["layers"] if layer["rank"] is not None}
+    assert sum(p.numel() for p in model.parameters()) == rungs[1].params
+    assert isinstance(model.net[0], FactoredLinear) and model.net[0].rank == lmd.ranks["net.0"]
+    assert [r["ladder"]["decision"] for r in lmd.reports] == ["kept", "kept", "rolled back"]
+    assert lmd.compression_ratio == pytest.approx(rungs[0].params_before / rungs[1].params)
+
+
+def test_a_roll_back_restores_the_kept_weights_and_momenta_and_the_schedule_runs_on() -> None:
+    lmd, probe, _ = run_ladder()
+    # rung 2 was kept at the start of epoch 6 (after its fine-tuning), rung 3 applied right after;
+    # at epoch 8 rung 3 is rolled back: the weights and momenta are those kept at epoch 6
+    kept = lmd._ladder.kept
+    assert kept.rung == 2
+    assert probe.states[8].keys() == kept.state.keys()
+    for key, value in kept.state.items():
+        torch.testing.assert_close(probe.states[8][key], value, rtol=0, atol=0)
+    assert probe.momenta[8].keys() == kept.optimizers[0].keys() and probe.momenta[8]
+    for name, state in kept.optimizers[0].items():
+        torch.testing.assert_close(probe.momenta[8][name], state["momentum_buffer"], rtol=0, atol=0)
+    # the kept copy is rung 2 as validated: the structure at epoch 6 had rung 3's smaller ranks
+    assert probe.states[6]["net.0.U"].shape[1] < kept.state["net.0.U"].shape[1]
+    # the cosine schedule (by epoch) follows the Trainer's epochs, roll-back or not
+    dense = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.SGD([torch.zeros(1)], lr=0.05), T_max=12)
+    expected = []
+    for _ in range(12):
+        expected.append(dense.get_last_lr()[0])
+        dense.optimizer.step()
+        dense.step()
+    assert [probe.lrs[e] for e in range(12)] == pytest.approx(expected)
+
+
+def test_a_run_killed_mid_ladder_resumes_with_the_kept_rung(tmp_path: Path) -> None:
+    """Killed at epoch 7 (rung 2 kept, rung 3 pending), resumed from the checkpoint of epoch 6: the same run."""
+    uninterrupted, _, whole = run_ladder()
+
+    class Kill(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            if trainer.current_epoch == 7:
+                raise RuntimeError("killed")
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_ladder(callbacks=(checkpoints, Kill()), enable_checkpointing=True)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    ladder = next(state for key, state in saved["callbacks"].items() if key.startswith("LMDCompression"))["ladder"]
+    assert saved["epoch"] == 6 and ladder["kept"]["rung"] == 2 and ladder["rungs"][-1]["decision"] == "pending"
+    pl.seed_everything(0, verbose=False)
+    resumed, model = ladder_callback(), SizeGated(max_epochs=12)
+    train, val = loaders()
+    fit = trainer(12, [resumed, ModelCheckpoint(dirpath=tmp_path / "again")], enable_checkpointing=True)
+    fit.fit(model, train, val, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed._ladder.kept.rung == 2 and [r.decision for r in resumed.ladder] == ["kept", "kept", "rolled back"]
+    assert resumed.ladder == uninterrupted.ladder
+    assert resumed.ranks == uninterrupted.ranks
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_every_rung_is_logged(tmp_path: Path) -> None:
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    run_ladder(logger=logger)
+    events = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"images": 0}).Reload()
+    kept = [event.value for event in events.Scalars("lmd/ladder/kept")]
+    params = [event.value for event in events.Scalars("lmd/ladder/params")]
+    assert kept == [1.0, 1.0, 0.0] and params[0] > params[1] > params[2]
+    assert [event.value for event in events.Scalars("lmd/ladder/size_score")] == [1.0, 1.0, 0.0]
+    assert "lmd/ladder" in events.Tags()["images"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"monitor": None, "guard": None}, r"rounds='auto' .* needs `monitor` .* got monitor=None, max_drop=None"),
+        (
+            {"guard": Guard()},
+            r"needs `monitor` .* and guard=Guard\(max_drop=\.\.\.\); got monitor='size_score', max_drop=None",
+        ),
+        ({"policy": FixedRank(4)}, r"rounds='auto' climbs the policy's knob in rungs; FixedRank\(.*\) has none"),
+        ({"trigger": "stable_rank"}, r"rounds='auto': the stable-rank trigger switches once"),
+        ({"tied": "joint"}, r"rounds='auto' cannot roll back a tied='joint' pair"),
+        ({"rounds": "Auto"}, r"`rounds` must be a positive int or 'auto', got 'Auto'"),
+    ],
+)
+def test_bad_ladders_are_refused_at_construction(kwargs: dict, message: str) -> None:
+    options = dict(trigger="epoch", monitor="size_score", guard=Guard(max_drop=0.01), rounds="auto")
+    policy = kwargs.pop("policy", GlobalBudget(params=0.1))
+    with pytest.raises(ValueError, match=message):
+        LMDCompression(policy, **{**options, **kwargs})
+
+
+def test_a_trainer_without_max_epochs_is_refused_at_setup() -> None:
+    train, val = loaders()
+    fit = trainer(-1, [ladder_callback()], max_steps=20)
+    with pytest.raises(ValueError, match=r"rounds='auto'\) times its rungs by the Trainer's epochs: set max_epochs"):
+        fit.fit(SizeGated(), train, val)
