@@ -28,6 +28,7 @@ SUITES = {  # suite → benchmark modules, in the order they run
     "convergence": ("bench_convergence",),  # the ‖∇L‖ monitor's defaults
     "parametrization": ("bench_parametrization",),  # balanced vs svd factors
     "zoo": ("bench_zoo", "bench_attention", "bench_charlm"),  # third-party: coverage, attention speed, GPT-2 LM
+    "allocation": ("bench_allocation",),  # one-shot: the loss metric's allocation against uniform rank
     "recipes": ("bench_recipes",),  # the recipes' expected results (lmd-train multiruns; no quick form)
 }
 NO_QUICK = {"bench_recipes"}

@@ -25,6 +25,7 @@ QUICK_FILES = {
     "zoo_quick.md",
     "attention_speed_quick.md",
     "charlm_quick.md",
+    "allocation_quick.md",
 }
 
 
@@ -120,3 +121,15 @@ def test_quick_attention_and_charlm_tables_have_every_contender(written: set[str
     charlm = rows("charlm_quick.md")
     assert set(bench_charlm.CONTENDERS) <= set(charlm)
     assert count(charlm["callback, GlobalBudget(params=0.3)"][0]) < count(charlm["dense"][0])
+
+
+@pytest.mark.slow
+def test_quick_allocation_table_compares_at_equal_parameters(written: set[str]) -> None:
+    lines = (RESULTS / "allocation_quick.md").read_text().splitlines()
+    table = [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("| ")][1:]
+    by = {(row[0], row[1]): count(row[2]) for row in table}
+    for budget in ("0.5", "0.25", "0.125"):
+        loss = by[("GlobalBudget, loss metric (default)", budget)]
+        # every GlobalBudget keeps the same share; uniform rank is the smallest rank with at least as many
+        assert by[("GlobalBudget, weight", budget)] <= by[("dense", "1")] * float(budget) + 1024
+        assert loss <= by[("uniform rank", budget)] <= loss * 1.1
