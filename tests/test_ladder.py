@@ -69,6 +69,18 @@ def test_the_plan_follows_the_trainers_epochs() -> None:
     assert (plan.rung_epochs, plan.rungs, plan.final_from) == (1, 3, 11)  # one epoch of final fine-tune left
 
 
+def test_the_reference_averages_the_trigger_with_the_two_dense_epochs_before() -> None:
+    ladder = Ladder(max_drop=0.01)
+    for epoch, value in enumerate([0.70, 0.80, 0.84, 0.82, 0.83]):
+        ladder.observe(epoch, value)
+    # at t₀ = 5 the model measured is the one epoch 4 validated: epochs 2 and 3 join the measurement
+    ladder.start(5, 20, dense=0.83, kept=None)
+    assert ladder.dense == pytest.approx((0.84 + 0.82 + 0.83) / 3) and ladder.dense_at_trigger == 0.83
+    fresh = Ladder(max_drop=0.01)  # no loop values (validation every few epochs, or partial): the measurement alone
+    fresh.start(5, 20, dense=0.83, kept=None)
+    assert fresh.dense == 0.83
+
+
 def test_rungs_are_kept_within_the_drop_in_the_monitors_direction() -> None:
     ladder = Ladder(max_drop=0.01, mode="max", dense=0.90)
     assert ladder.passes(0.895) and ladder.passes(0.95) and not ladder.passes(0.885)

@@ -10,10 +10,14 @@ module decides. The ladder, for a Trainer of E epochs whose trigger fires at epo
 - Rung j applies `policy.for_round(j, n)` to the model the last kept rung left: each keeps the
   n-th root of the policy's share, so rung n reaches the policy, the most aggressive setting
   allowed (GlobalBudget(params=0.05), n = 5: 55%, 30%, 16%, 9%, 5% of the dense parameters).
-- The dense metric is measured on the whole validation set at t₀, each rung's after its
-  fine-tuning. A rung within `max_drop` of dense is kept: its weights and optimizer state are
-  copied (to the CPU, and into checkpoints) and the next rung starts. The first rung that is not
-  is rolled back to the last kept one, which then trains for the rest of the run.
+- The dense metric is measured on the whole validation set at t₀; the reference a rung must hold
+  is its mean with the validation loop's values at the end of the two epochs before (when the
+  loop validated those epochs on every batch), so that one lucky or unlucky epoch of a dense model
+  that fluctuates from epoch to epoch does not set the bar. Each rung's metric is measured on the
+  whole validation set after its fine-tuning. A rung within `max_drop` of the reference is kept:
+  its weights and optimizer state are copied (to the CPU, and into checkpoints) and the next rung
+  starts. The first rung that is not is rolled back to the last kept one, which then trains for
+  the rest of the run.
 - The LR schedule follows the Trainer's epochs throughout: a roll-back restores weights and
   optimizer moments, not the schedule's position, so the final fine-tune anneals as planned.
 """
@@ -28,9 +32,10 @@ from torch import Tensor
 
 from lmd_lightning.truncate.policies import RankPolicy
 
-__all__ = ["AUTO", "DECISIONS", "Kept", "Ladder", "LadderPlan", "Rung"]
+__all__ = ["AUTO", "DECISIONS", "REFERENCE_EPOCHS", "Kept", "Ladder", "LadderPlan", "Rung"]
 
 AUTO = "auto"
+REFERENCE_EPOCHS = 3  # dense validations averaged into the reference: t₀ and the two epochs before
 DECISIONS = ("pending", "kept", "rolled back")
 
 
@@ -90,7 +95,9 @@ class Ladder:
     max_drop: float
     mode: str = "max"
     plan: LadderPlan | None = None
-    dense: float | None = None  # the dense model's metric on the whole validation set
+    dense: float | None = None  # the reference: the dense metric at t₀ averaged with the loop's two epochs before
+    dense_at_trigger: float | None = None  # the dense metric measured at t₀ alone
+    recent: list[tuple[int, float]] = field(default_factory=list)  # (epoch, value) of full dense validations
     rungs: list[Rung] = field(default_factory=list)
     kept: Kept | None = None
     finished: bool = False
@@ -103,8 +110,16 @@ class Ladder:
     def pending(self) -> Rung | None:
         return self.rungs[-1] if self.rungs and self.rungs[-1].decision == "pending" else None
 
+    def observe(self, epoch: int, value: float) -> None:
+        """The validation loop's value of the monitor at the end of a dense epoch (every batch validated)."""
+        self.recent = [*self.recent[-(REFERENCE_EPOCHS - 1) :], (epoch, value)]
+
     def start(self, epoch: int, max_epochs: int, dense: float, kept: Kept) -> None:
-        self.plan, self.dense, self.kept = LadderPlan.derive(epoch, max_epochs), dense, kept
+        """At t₀: the plan, the reference (see the module docstring) and the dense copy to roll back to."""
+        # the loop's value at epoch t₀ − 1 is of the model just measured: not counted twice
+        earlier = [value for seen, value in self.recent if seen < epoch - 1][-(REFERENCE_EPOCHS - 1) :]
+        self.plan, self.kept = LadderPlan.derive(epoch, max_epochs), kept
+        self.dense_at_trigger, self.dense = dense, (sum(earlier) + dense) / (len(earlier) + 1)
 
     def policy(self, policy: RankPolicy) -> RankPolicy:
         """The policy of the next rung."""
@@ -150,6 +165,8 @@ class Ladder:
             "mode": self.mode,
             "plan": None if self.plan is None else dataclasses.asdict(self.plan),
             "dense": self.dense,
+            "dense_at_trigger": self.dense_at_trigger,
+            "recent": [list(pair) for pair in self.recent],
             "rungs": [dataclasses.asdict(rung) for rung in self.rungs],
             "kept": None if self.kept is None else dataclasses.asdict(self.kept),
             "finished": self.finished,
@@ -158,5 +175,7 @@ class Ladder:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.plan = None if state["plan"] is None else LadderPlan(**state["plan"])
         self.dense, self.finished = state["dense"], state["finished"]
+        self.dense_at_trigger = state["dense_at_trigger"]
+        self.recent = [(int(epoch), float(value)) for epoch, value in state["recent"]]
         self.rungs = [Rung(**rung) for rung in state["rungs"]]
         self.kept = None if state["kept"] is None else Kept(**state["kept"])

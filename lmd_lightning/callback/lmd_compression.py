@@ -186,7 +186,7 @@ class LMDCompressionBase(_Hooks):
 
     @property
     def dense_value(self) -> float | None:
-        """rounds="auto": the `monitor` of the dense model on the whole validation set, at the trigger."""
+        """rounds="auto": the dense reference each rung must hold (see ladder.py)."""
         return None if self._ladder is None else self._ladder.dense
 
     def _standing(self) -> dict[str, Any] | None:
@@ -279,6 +279,9 @@ class LMDCompressionBase(_Hooks):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._guarding.check_logged(trainer.callback_metrics)
+            ladder = self._ladder
+            if ladder is not None and not ladder.started and trainer.limit_val_batches == 1.0:
+                ladder.observe(trainer.current_epoch, float(trainer.callback_metrics[self.monitor]))
 
     @override
     def on_train_batch_start(
@@ -512,7 +515,8 @@ class LMDCompressionBase(_Hooks):
                 ladder.start(epoch, trainer.max_epochs, dense, self._keep(trainer, pl_module, 0))
                 plan = ladder.plan
                 self._info(
-                    f"LMDCompression ladder: dense {self.monitor} {dense:.4f}; up to {plan.rungs} rungs of at most "
+                    f"LMDCompression ladder: dense {self.monitor} {dense:.4f} (reference {ladder.dense:.4f}, with the "
+                    f"epochs before); up to {plan.rungs} rungs of at most "
                     f"{plan.rung_epochs} epochs from epoch {epoch}, final fine-tune from epoch {plan.final_from} at "
                     f"the latest"
                 )
@@ -530,7 +534,7 @@ class LMDCompressionBase(_Hooks):
         self.reports[-1]["ladder"] = dataclasses.asdict(rung)
         self._info(
             f"LMDCompression ladder: rung {rung.rung} ({rung.params:,} params, {rung.smaller:.2f}× smaller) "
-            f"{self.monitor} {value:.4f} after fine-tuning, dense {ladder.dense:.4f}: {rung.decision}"
+            f"{self.monitor} {value:.4f} after fine-tuning, dense reference {ladder.dense:.4f}: {rung.decision}"
         )
         if kept:
             ladder.kept = self._keep(trainer, pl_module, rung.rung)
