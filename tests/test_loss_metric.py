@@ -210,3 +210,31 @@ def test_a_training_step_without_a_loss_leaves_the_model_dense_and_says_why() ->
         trainer(2, [lmd]).fit(NoLoss(max_epochs=2), train, val)
     assert not lmd.compressed and "metric='loss' needs `training_step` to return the loss" in lmd.failure
     assert "got NoneType" in lmd.failure
+
+
+def test_the_guards_trials_share_one_calibration_run() -> None:
+    """The sweep and the guard's search undo every trial: the loss moments are measured once, not once a trial."""
+    from lmd_lightning import EnergyRank, Guard
+    from tests.lightning_models import LitMLP, loaders, trainer
+
+    class Counting(LitMLP):
+        calibration_steps = 0
+
+        def training_step(self, batch, batch_idx):
+            if not self.training:  # calibration runs the step in eval mode
+                type(self).calibration_steps += 1
+            return super().training_step(batch, batch_idx)
+
+    pl.seed_everything(0, verbose=False)
+    lmd = LMDCompression(
+        EnergyRank(0.9),
+        trigger="epoch",
+        min_epochs=1,
+        exclude="net.4",
+        monitor="val_acc",
+        guard=Guard(max_drop=0.05, batches=1, search_steps=2, sweep_points=3),
+    )
+    train, val = loaders()
+    trainer(2, [lmd]).fit(Counting(max_epochs=2), train, val)
+    assert lmd.compressed and len(lmd.guard_record.trials) + len(lmd.sweep) >= 5
+    assert Counting.calibration_steps == 8  # LossMetric's 8 batches, once

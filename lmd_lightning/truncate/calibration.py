@@ -177,6 +177,9 @@ class Calibration:
         self.forward = getattr(settings, "forward", None) or default_forward  # a LossMetric has its own loss
         self.reduce = reduce or (lambda tensor: tensor)
         self.context = context or nullcontext
+        # per-layer results a compression may compute again on the same, unchanged model (the callback's
+        # guard trials undo each swap): filled by compress_, dropped with this run
+        self.memo: dict[Any, Any] = {}
         self.batches = []
         for batch in batches:
             self.batches.append(batch)

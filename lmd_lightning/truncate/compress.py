@@ -343,14 +343,20 @@ def _compress(
     per_layer: dict[nn.Module, Any] = {}  # each layer's moments in its metric
     if isinstance(settings, LossMetric):
         run = calibration if isinstance(calibration, Calibration) else None  # the callback's: DDP sums, precision
-        per_layer = loss_moments(
-            model,
-            [plan.target.module for plan in active],
-            calibration if run is None else run.batches,
-            settings,
-            reduce=None if run is None else run.reduce,
-            context=None if run is None else run.context,
-        )
+        modules = [plan.target.module for plan in active]
+        key = ("loss", settings, *map(id, modules))  # the same modules, unchanged: the guard's next trial
+        per_layer = run.memo.get(key) if run is not None else None
+        if per_layer is None:
+            per_layer = loss_moments(
+                model,
+                modules,
+                calibration if run is None else run.batches,
+                settings,
+                reduce=None if run is None else run.reduce,
+                context=None if run is None else run.context,
+            )
+            if run is not None:
+                run.memo[key] = per_layer
         for plan in active:
             if isinstance(per_layer[plan.target.module], str):
                 plan.report.reason = per_layer[plan.target.module]
