@@ -33,6 +33,9 @@ TINY = (  # two epochs of a few batches, compression forced at epoch 1
     "callback.guard.sweep_points=3",
     "callback.guard.batches=2",
 )
+SMALL = {  # the ladder's recipe on its usual data size would generate 20,000 samples; its tolerance keeps the rung
+    "mnist1d_auto": ("data.num_samples=1000", "callback.guard.max_drop=1.0"),
+}
 OFFLINE = {  # recipes whose data needs a download: the same models on synthetic data of the same shape
     "mnist_lenet300": ("data=synthetic", "data.input_shape=[1,28,28]", "data.n=300"),
     "cifar10_resnet": (
@@ -59,7 +62,7 @@ def scalars(log_dir: str) -> dict[str, list[float]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", sorted(path.stem for path in recipe_dir().glob("*.yaml")))
 def test_every_recipe_trains_compresses_and_logs(recipe: str, tmp_path: Path) -> None:
-    results = run_train(tmp_path, f"recipe={recipe}", *OFFLINE.get(recipe, ()))
+    results = run_train(tmp_path, f"recipe={recipe}", *OFFLINE.get(recipe, ()), *SMALL.get(recipe, ()))
     assert results["compressed_epochs"] == [1] and results["failure"] is None
     # After a few batches the weights are near their random init, with flat spectra: a policy may
     # rightly keep a layer dense (break-even), so fewer parameters is checked where ranks were cut.
@@ -74,7 +77,11 @@ def test_every_recipe_trains_compresses_and_logs(recipe: str, tmp_path: Path) ->
     assert [results["test_acc"]] == pytest.approx(logged["test_acc"], abs=1e-6)
     for layer, rank in results["ranks"].items():
         assert logged[f"lmd/rank/{layer}"] == [rank]
-    assert logged["lmd/params"] == [results["params"]] and "lmd/sweep/val_acc" in logged
+    assert logged["lmd/params"] == [results["params"]]
+    if recipe == "mnist1d_auto":  # the ladder validates its rung after fine-tuning instead of sweeping
+        assert logged["lmd/ladder/kept"] == [1.0] and results["ladder"][0]["decision"] == "kept"
+    else:
+        assert "lmd/sweep/val_acc" in logged
 
 
 def test_dense_baseline_and_csv_logger(tmp_path: Path) -> None:
@@ -228,7 +235,7 @@ def test_console_scripts_help_and_cfg(tmp_path: Path) -> None:
 def test_console_script_errors_are_clear(tmp_path: Path) -> None:
     unknown = command("lmd-train", "recipe=nope", cwd=tmp_path)
     assert unknown.returncode != 0 and "recipe" in unknown.stderr and "mnist1d_mlp" in unknown.stderr
-    negative = command("lmd-train", "compression.energy=-0.5", "data=synthetic", cwd=tmp_path)
+    negative = command("lmd-train", "recipe=mnist1d_mlp", "compression.energy=-0.5", "data=synthetic", cwd=tmp_path)
     assert negative.returncode == 2 and negative.stderr.strip().splitlines()[-1] == (
         "lmd-train: error: `compression`: `energy` must be a float in (0, 1), got -0.5"
     )
@@ -245,6 +252,7 @@ def test_multirun_then_report(tmp_path: Path) -> None:
     sweep = command(
         "lmd-train",
         "-m",
+        "recipe=mnist1d_mlp",
         "compression.energy=0.5,0.95",
         "data=synthetic",
         "logger=none",
@@ -349,6 +357,7 @@ def test_ddp_run_through_the_command(tmp_path: Path) -> None:
     """trainer=ddp: Lightning re-launches lmd-train for rank 1 into the same run dir; rank 0 writes the results."""
     done = command(
         "lmd-train",
+        "recipe=mnist1d_mlp",
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "data=synthetic",

@@ -17,8 +17,10 @@ import lmd_lightning
 from lmd_lightning import (
     ConvergenceMonitor,
     DataMetric,
+    GlobalBudget,
     Guard,
     LMDCompression,
+    LossMetric,
     RankPolicy,
     Regularizer,
     StableRank,
@@ -29,9 +31,15 @@ from lmd_lightning.cli.commands import config_dir, recipe_dir, register_recipes
 GROUPS = ("model", "data", "compression", "trigger", "trainer", "logger", "callback", "checkpoint", "paths")
 
 
+ONE_SHOT = "recipe=mnist1d_mlp"  # the one-shot flow most tests exercise; the default recipe is mnist1d_auto
+
+
 def compose_config(name: str = "train", overrides: tuple[str, ...] = (), output_dir: Path | None = None) -> DictConfig:
+    """`name` composed with `overrides`; lmd-train's config gets the one-shot recipe unless they name a recipe."""
     register_recipes()
     extra = [f"paths.output_dir={output_dir}"] if output_dir else ["paths.output_dir=unused"]
+    if name == "train" and not any(o.startswith(("recipe=", "+recipe=")) for o in overrides):
+        extra.append(ONE_SHOT)
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         return compose(name, overrides=[*overrides, *extra])
 
@@ -44,8 +52,8 @@ def test_config_tree_ships_with_the_package() -> None:
     assert set(GROUPS) <= {path.name for path in config_dir().iterdir() if path.is_dir()}
     assert {"train.yaml", "finetune.yaml", "export.yaml"} <= {path.name for path in config_dir().glob("*.yaml")}
     assert options("model") == ["cnn1d", "lenet300", "mlp", "resnet18", "transformer"]
-    assert options("data") == ["cifar10", "mnist", "mnist1d", "synthetic"]
-    assert options("compression") == ["budget", "energy", "error_bound", "fixed", "none", "stable_rank"]
+    assert options("data") == ["cifar10", "mnist", "mnist1d", "mnist1d_large", "synthetic"]
+    assert options("compression") == ["budget", "energy", "error_bound", "fixed", "ladder", "none", "stable_rank"]
     assert options("trigger") == ["epoch", "grad_norm", "stable_rank"]
     assert options("trainer") == ["cpu", "ddp", "gpu"]
     assert options("logger") == ["csv", "none", "tensorboard"]
@@ -53,7 +61,20 @@ def test_config_tree_ships_with_the_package() -> None:
     assert recipes <= {path.stem for path in recipe_dir().glob("*.yaml")}
 
 
-def test_default_composition() -> None:
+def test_default_composition_is_the_automatic_ladder() -> None:
+    """lmd-train with no recipe: mnist1d_auto, rounds="auto" in the loss's metric down to at most 5% of the parameters."""
+    cfg = compose_config(overrides=("recipe=mnist1d_auto",))
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        default = compose("train", overrides=["paths.output_dir=unused"])
+    assert default == cfg
+    assert cfg.compression._target_ == "lmd_lightning.GlobalBudget" and cfg.compression.params == 0.05
+    assert cfg.data.num_samples == 20000 and cfg.data.val_fraction == 0.2
+    callback = instantiate(cfg.callback)
+    assert callback.rounds == "auto" and callback.guard.max_drop == 0.01 and callback.monitor == "val_acc"
+    assert callback.data_metric == LossMetric() and callback.policy == GlobalBudget(params=0.05)
+
+
+def test_one_shot_composition() -> None:
     cfg = compose_config()
     assert cfg.model._target_.endswith("MLPClassifier") and cfg.data._target_.endswith("MNIST1DDataModule")
     assert cfg.compression._target_ == "lmd_lightning.EnergyRank" and cfg.compression.energy == 0.7
@@ -96,7 +117,10 @@ def test_compression_configs_mirror_the_policy_dataclasses(option: str) -> None:
 
 
 def test_metric_configs() -> None:
-    assert instantiate(compose_config().callback).data_metric is None  # weight: the default
+    assert instantiate(compose_config().callback).data_metric is None  # weight: what the one-shot recipes set
+    cfg = compose_config(overrides=("metric=loss", "metric.max_dim=512"))
+    assert set(cfg.metric) - {"_target_"} == {field.name for field in dataclasses.fields(LossMetric)} - {"loss"}
+    assert instantiate(cfg.callback).data_metric == LossMetric(batches=8, damping=0.01, max_dim=512)
     cfg = compose_config(overrides=("metric=data", "metric.damping=0.1"))
     fields = {field.name for field in dataclasses.fields(DataMetric)} - {"forward"}  # a callable, not config
     assert set(cfg.metric) - {"_target_"} == fields
@@ -196,7 +220,12 @@ def test_every_recipe_takes_every_policy_and_model(recipe: str) -> None:
     """Recipes choose groups but leave their values alone, so `compression=…` or `model=…` always works."""
     for option in [o for o in options("compression") if o != "none"]:
         cfg = compose_config(overrides=(f"recipe={recipe}", f"compression={option}"))
-        assert isinstance(instantiate(cfg.compression), RankPolicy)
+        policy = instantiate(cfg.compression)
+        assert isinstance(policy, RankPolicy)
+        if cfg.callback.rounds == "auto" and policy.knob is None:  # a ladder needs a knob: refused, saying so
+            with pytest.raises(InstantiationException, match=r"rounds='auto' climbs the policy's knob"):
+                instantiate(cfg.callback)
+            continue
         assert isinstance(instantiate(cfg.callback), LMDCompression)
     for option in options("model"):
         cfg = compose_config(overrides=(f"recipe={recipe}", f"model={option}"))

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 import json
 from pathlib import Path
 from typing import Any
@@ -211,11 +212,14 @@ def _fit(
     callbacks = [c for c in (compression, checkpoint) if c is not None] + [record]
     trainer: pl.Trainer = _build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
     params_before = sum(p.numel() for p in model.parameters())
+    start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path if resume is not None else None)
+    fit_seconds = time.perf_counter() - start  # training, compression and validation: the cost to compare
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
     if cfg.test:
         metrics |= {k: float(v) for k, v in trainer.test(model, datamodule=datamodule, verbose=False)[0].items()}
     results = _results(cfg, model, params_before, metrics, compression, checkpoint, loggers)
+    results["fit_seconds"] = fit_seconds
     if trainer.is_global_zero:
         output = Path(cfg.paths.output_dir)
         output.mkdir(parents=True, exist_ok=True)
