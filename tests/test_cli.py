@@ -34,7 +34,7 @@ TINY = (  # two epochs of a few batches, compression forced at epoch 1
     "callback.guard.batches=2",
 )
 SMALL = {  # the ladder's recipe on its usual data size would generate 20,000 samples; its tolerance keeps the rung
-    "mnist1d_auto": ("data.num_samples=1000", "callback.guard.max_drop=1.0"),
+    "mnist1d_auto": ("data.num_samples=1000", "callback.guard.max_drop=1.0")
 }
 OFFLINE = {  # recipes whose data needs a download: the same models on synthetic data of the same shape
     "mnist_lenet300": ("data=synthetic", "data.input_shape=[1,28,28]", "data.n=300"),

@@ -31,15 +31,9 @@ from lmd_lightning.cli.commands import config_dir, recipe_dir, register_recipes
 GROUPS = ("model", "data", "compression", "trigger", "trainer", "logger", "callback", "checkpoint", "paths")
 
 
-ONE_SHOT = "recipe=mnist1d_mlp"  # the one-shot flow most tests exercise; the default recipe is mnist1d_auto
-
-
 def compose_config(name: str = "train", overrides: tuple[str, ...] = (), output_dir: Path | None = None) -> DictConfig:
-    """`name` composed with `overrides`; lmd-train's config gets the one-shot recipe unless they name a recipe."""
     register_recipes()
     extra = [f"paths.output_dir={output_dir}"] if output_dir else ["paths.output_dir=unused"]
-    if name == "train" and not any(o.startswith(("recipe=", "+recipe=")) for o in overrides):
-        extra.append(ONE_SHOT)
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         return compose(name, overrides=[*overrides, *extra])
 
@@ -61,12 +55,9 @@ def test_config_tree_ships_with_the_package() -> None:
     assert recipes <= {path.stem for path in recipe_dir().glob("*.yaml")}
 
 
-def test_default_composition_is_the_automatic_ladder() -> None:
-    """lmd-train with no recipe: mnist1d_auto, rounds="auto" in the loss's metric down to at most 5% of the parameters."""
+def test_the_auto_recipe_is_the_ladder_in_the_loss_metric() -> None:
+    """mnist1d_auto: rounds="auto" in the loss's metric, down to at most 5% of the parameters."""
     cfg = compose_config(overrides=("recipe=mnist1d_auto",))
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        default = compose("train", overrides=["paths.output_dir=unused"])
-    assert default == cfg
     assert cfg.compression._target_ == "lmd_lightning.GlobalBudget" and cfg.compression.params == 0.05
     assert cfg.data.num_samples == 20000 and cfg.data.val_fraction == 0.2
     callback = instantiate(cfg.callback)
@@ -74,7 +65,7 @@ def test_default_composition_is_the_automatic_ladder() -> None:
     assert callback.data_metric == LossMetric() and callback.policy == GlobalBudget(params=0.05)
 
 
-def test_one_shot_composition() -> None:
+def test_default_composition() -> None:
     cfg = compose_config()
     assert cfg.model._target_.endswith("MLPClassifier") and cfg.data._target_.endswith("MNIST1DDataModule")
     assert cfg.compression._target_ == "lmd_lightning.EnergyRank" and cfg.compression.energy == 0.7
@@ -117,7 +108,7 @@ def test_compression_configs_mirror_the_policy_dataclasses(option: str) -> None:
 
 
 def test_metric_configs() -> None:
-    assert instantiate(compose_config().callback).data_metric is None  # weight: what the one-shot recipes set
+    assert instantiate(compose_config().callback).data_metric is None  # weight: what the default recipe sets
     cfg = compose_config(overrides=("metric=loss", "metric.max_dim=512"))
     assert set(cfg.metric) - {"_target_"} == {field.name for field in dataclasses.fields(LossMetric)} - {"loss"}
     assert instantiate(cfg.callback).data_metric == LossMetric(batches=8, damping=0.01, max_dim=512)

@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 import json
+import time
 from pathlib import Path
 from typing import Any
 
