@@ -53,7 +53,7 @@ improving (seed 1: 82.3% then, 85.2% at epoch 40), so the reference was below de
 A variant with three rungs of four epochs (LadderPlan patched, not a committed option) ended at
 6.98×, 7.03× and 2.67× but 1.8 points below dense in validation (82.6 mean), with two epochs left after
 the last roll-back. The one-shot row's fit time (73 ± 63 s) is inflated by one run that shared the
-2 cores with another job; its other runs took 37–40 s, as dense and auto did.
+2 cores with another job (145 s); its other two took 36 and 37 s, like dense and auto (38 s).
 """
 COLUMNS = ("params", "compression_ratio", "monitor_before", "monitor_after_truncation", "val_acc", "test_acc")
 
