@@ -8,7 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lmd_lightning import DataMetric, EnergyRank, FactoredLinear, LMDCompression, Regularizer, StableRankMonitor
+from lmd_lightning import DataMetric, EnergyRank, FactoredLinear, Guard, LMDCompression, Regularizer, StableRankMonitor
 from tests.lightning_models import LitMLP, loaders, trainer
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
@@ -45,6 +45,8 @@ LMD_OPTIONS = {  # each process sees different batches: moments and penalty grad
     "identity": dict(metric_maps=True, fold_maps=False, regularizer=Regularizer("identity", lmd_lambda=1.0)),
     # the stable ranks are measured on each process; the decision to compress is reduced across them
     "trigger=stable_rank": dict(trigger=StableRankMonitor(tol=0.9, patience=1), min_epochs=1),
+    # the ladder's rung is validated on every process's share of the validation set, reduced
+    "rounds=auto": dict(rounds="auto", monitor="val_acc", guard=Guard(max_drop=1.0)),
 }
 
 
