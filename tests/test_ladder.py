@@ -76,6 +76,10 @@ def test_the_reference_averages_the_trigger_with_the_two_dense_epochs_before() -
     # at t₀ = 5 the model measured is the one epoch 4 validated: epochs 2 and 3 join the measurement
     ladder.start(5, 20, dense=0.83, kept=None)
     assert ladder.dense == pytest.approx((0.84 + 0.82 + 0.83) / 3) and ladder.dense_at_trigger == 0.83
+    twice = Ladder(max_drop=0.01)  # validation twice in an epoch (val_check_interval < 1): the epoch's last counts
+    for epoch, value in [(2, 0.5), (2, 0.6), (3, 0.7), (3, 0.8)]:
+        twice.observe(epoch, value)
+    assert twice.recent == [(2, 0.6), (3, 0.8)]
     fresh = Ladder(max_drop=0.01)  # no loop values (validation every few epochs, or partial): the measurement alone
     fresh.start(5, 20, dense=0.83, kept=None)
     assert fresh.dense == 0.83

@@ -36,7 +36,7 @@ __all__ = ["AUTO", "DECISIONS", "REFERENCE_EPOCHS", "Kept", "Ladder", "LadderPla
 
 AUTO = "auto"
 REFERENCE_EPOCHS = 3  # dense validations averaged into the reference: t₀ and the two epochs before
-DECISIONS = ("pending", "kept", "rolled back")
+DECISIONS = ("pending", "kept", "rolled back", "roll-back failed")
 
 
 @dataclass(frozen=True)
@@ -111,8 +111,9 @@ class Ladder:
         return self.rungs[-1] if self.rungs and self.rungs[-1].decision == "pending" else None
 
     def observe(self, epoch: int, value: float) -> None:
-        """The validation loop's value of the monitor at the end of a dense epoch (every batch validated)."""
-        self.recent = [*self.recent[-(REFERENCE_EPOCHS - 1) :], (epoch, value)]
+        """The validation loop's value of the monitor in a dense epoch (all batches): the last of each epoch."""
+        kept = [pair for pair in self.recent if pair[0] != epoch]
+        self.recent = [*kept[-(REFERENCE_EPOCHS - 1) :], (epoch, value)]
 
     def start(self, epoch: int, max_epochs: int, dense: float, kept: Kept) -> None:
         """At t₀: the plan, the reference (see the module docstring) and the dense copy to roll back to."""
@@ -136,7 +137,9 @@ class Ladder:
         if rung is None:
             return False
         trained = epoch - rung.epoch
-        return trained >= self.plan.rung_epochs or (converged and trained >= 1) or epoch >= self.plan.last_epoch - 1
+        if trained < 1:
+            return False
+        return trained >= self.plan.rung_epochs or converged or epoch >= self.plan.last_epoch - 1
 
     def passes(self, value: float) -> bool:
         drop = self.dense - value if self.mode == "max" else value - self.dense
@@ -168,7 +171,10 @@ class Ladder:
             "dense_at_trigger": self.dense_at_trigger,
             "recent": [list(pair) for pair in self.recent],
             "rungs": [dataclasses.asdict(rung) for rung in self.rungs],
-            "kept": None if self.kept is None else dataclasses.asdict(self.kept),
+            # the copy itself, not a deep copy of it (asdict would copy every tensor at every checkpoint)
+            "kept": None
+            if self.kept is None
+            else {field.name: getattr(self.kept, field.name) for field in dataclasses.fields(self.kept)},
             "finished": self.finished,
         }
 

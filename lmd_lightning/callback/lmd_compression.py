@@ -279,9 +279,10 @@ class LMDCompressionBase(_Hooks):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._guarding.check_logged(trainer.callback_metrics)
-            ladder = self._ladder
-            if ladder is not None and not ladder.started and trainer.limit_val_batches == 1.0:
-                ladder.observe(trainer.current_epoch, float(trainer.callback_metrics[self.monitor]))
+            ladder, full = self._ladder, trainer.limit_val_batches
+            if ladder is not None and not ladder.started and isinstance(full, float) and full == 1.0:
+                value = surgery.mean_over_processes(trainer, float(trainer.callback_metrics[self.monitor]))
+                ladder.observe(trainer.current_epoch, value)  # the same on every process, synced or not
 
     @override
     def on_train_batch_start(
@@ -311,6 +312,12 @@ class LMDCompressionBase(_Hooks):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._ladder is not None and self._ladder.pending is not None:
             self._validate_rung(trainer, pl_module, last=True)  # a rung the run ended in must hold too
+            if self._ladder.rungs[-1].decision == "rolled back":
+                self._warn(
+                    "LMDCompression ladder: the run ended during a rung (EarlyStopping or max_steps?), which was "
+                    "rolled back after the last checkpoint was written: that checkpoint holds the rejected rung; "
+                    "save the model again (trainer.save_checkpoint) to keep the rung it was rolled back to"
+                )
         self.lmd.at_train_end(trainer, pl_module, self._info, self._warn)
         record = self.guard_record
         if record is not None and record.after is not None and self.monitor in trainer.callback_metrics:
@@ -531,6 +538,8 @@ class LMDCompressionBase(_Hooks):
         value = self._evaluate_all(trainer, pl_module)
         kept = ladder.decide(epoch, value)
         rung = ladder.rungs[-1]
+        if not kept and not self._roll_back(trainer, pl_module):
+            rung.decision = "roll-back failed"
         self.reports[-1]["ladder"] = dataclasses.asdict(rung)
         self._info(
             f"LMDCompression ladder: rung {rung.rung} ({rung.params:,} params, {rung.smaller:.2f}× smaller) "
@@ -538,8 +547,6 @@ class LMDCompressionBase(_Hooks):
         )
         if kept:
             ladder.kept = self._keep(trainer, pl_module, rung.rung)
-        else:
-            self._roll_back(trainer, pl_module)
         if trainer.loggers:
             from lmd_lightning.callback import logs
 
@@ -550,16 +557,30 @@ class LMDCompressionBase(_Hooks):
         else:
             ladder.finished = True
 
-    def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Back to the last kept rung: its structure, weights and optimizer moments; the LR schedule runs on."""
-        kept, before = self._ladder.kept, surgery.snapshot(trainer)
-        restore_structure_(pl_module, kept.state)
-        pl_module.load_state_dict(kept.state)
-        surgery.rebuild(trainer, before)
-        surgery.load_optimizer_states(trainer, pl_module, kept.optimizers)
+    def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Back to the last kept rung: its structure, weights and optimizer moments; the LR schedule runs on.
+
+        If that fails, the model and optimizers stay as they were (the rejected rung, which trains on), a
+        warning says why, and False is returned.
+        """
+        kept, before, record = self._ladder.kept, surgery.snapshot(trainer), undo_record(pl_module)
+        state = {key: value.detach().clone() for key, value in pl_module.state_dict().items()}
+        try:
+            restore_structure_(pl_module, kept.state)
+            pl_module.load_state_dict(kept.state)
+            surgery.rebuild(trainer, before)
+            surgery.load_optimizer_states(trainer, pl_module, kept.optimizers)
+        except Exception as err:
+            undo(pl_module, record)
+            pl_module.load_state_dict(state)
+            surgery.restore(trainer, before)
+            self.failure = f"roll-back failed: {type(err).__name__}: {err}"
+            self._warn(f"LMDCompression ladder: {self.failure}; the rejected rung trains on")
+            return False
         self.convergence.reset()
         where = "the dense model" if kept.rung == 0 else f"rung {kept.rung}"
         self._info(f"LMDCompression ladder: rolled back to {where}, which trains for the rest of the run")
+        return True
 
     def _report_final(self, value: float) -> None:
         record = self._guarding.record

@@ -380,6 +380,12 @@ def _to(value: Any, device: Any) -> Any:
     return value.detach().to(device, copy=True) if torch.is_tensor(value) else value
 
 
+def mean_over_processes(trainer: pl.Trainer, value: float) -> float:
+    """`value` averaged over the DDP processes (itself on one device)."""
+    tensor = torch.tensor(value, dtype=torch.float64, device=trainer.strategy.root_device)
+    return float(trainer.strategy.reduce(tensor, reduce_op="mean"))
+
+
 def optimizer_states(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict[str, dict[str, Any]]]:
     """Each optimizer's per-parameter state, keyed by parameter name, copied to the CPU."""
     names = {param: name for name, param in pl_module.named_parameters()}
@@ -397,13 +403,13 @@ def load_optimizer_states(
     A tensor shaped like its parameter goes to the parameter's device; a scalar (Adam's `step`)
     stays on the CPU unless its group is `capturable` or `fused`, as torch's optimizers keep it.
     """
-    params = dict(pl_module.named_parameters())
+    names = {id(param): name for name, param in pl_module.named_parameters()}
     loaded = 0
     for opt, saved in zip(trainer.strategy.optimizers, states):
         for group in opt.param_groups:
             on_device = bool(group.get("capturable")) or bool(group.get("fused"))
             for param in group["params"]:
-                name = next((n for n, p in params.items() if p is param), None)
+                name = names.get(id(param))
                 if name is None or name not in saved:
                     continue
                 opt.state[param] = {

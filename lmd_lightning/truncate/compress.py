@@ -344,9 +344,12 @@ def _compress(
     if isinstance(settings, LossMetric):
         run = calibration if isinstance(calibration, Calibration) else None  # the callback's: DDP sums, precision
         modules = [plan.target.module for plan in active]
-        key = ("loss", settings, *map(id, modules))  # the same modules, unchanged: the guard's next trial
-        per_layer = run.memo.get(key) if run is not None else None
-        if per_layer is None:
+        # by layer name: the guard's next trial undoes to the same weights, but splits attention anew
+        key = ("loss", settings, *(plan.report.name for plan in active))
+        cached = run.memo.get(key) if run is not None else None
+        if cached is not None:
+            per_layer = {plan.target.module: cached[plan.report.name] for plan in active}
+        else:
             per_layer = loss_moments(
                 model,
                 modules,
@@ -355,8 +358,8 @@ def _compress(
                 reduce=None if run is None else run.reduce,
                 context=None if run is None else run.context,
             )
-            if run is not None:
-                run.memo[key] = per_layer
+            if run is not None:  # one entry: the latest model's
+                run.memo = {key: {plan.report.name: per_layer[plan.target.module] for plan in active}}
         for plan in active:
             if isinstance(per_layer[plan.target.module], str):
                 plan.report.reason = per_layer[plan.target.module]

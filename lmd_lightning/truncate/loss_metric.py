@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lmd_lightning.checks import check_callable, check_int, check_number
 from lmd_lightning.layers.svd import Factors, singular_values, truncated_svd
-from lmd_lightning.truncate.calibration import CALIBRATION_SEED, layer_rows, output_rows, samples_in
+from lmd_lightning.truncate.calibration import CALIBRATION_SEED, layer_rows, layer_weight, output_rows, samples_in
 from lmd_lightning.truncate.check import cuda_devices, eager
 from lmd_lightning.truncate.data_metric import Whitening, whitening
 
@@ -205,22 +205,30 @@ def loss_moments(
             param.grad = grad
     if read == 0:
         raise ValueError("the loss metric needs calibration data, but the calibration iterable yielded no batch")
-    device = next((tensor.device for tensor in xs.values()), torch.device("cpu"))
-    batch_count = float(reduce(torch.tensor(float(read), dtype=torch.float64, device=device)))
     result: dict[nn.Module, LossMoments | str] = {}
-    for module in modules:  # the same modules, in the same order, on every process
-        x = reduce(xs[module]) if module in xs else None
-        g = reduce(gs[module]) if module in gs else None
-        if x is None:
+    for module in modules:  # the same reductions, in the same order, on every process (DDP)
+        out_dim, fan_in = layer_weight(module).shape
+        device = layer_weight(module).device
+        x = xs.get(module, _empty(fan_in, settings.max_dim, device))
+        g = gs.get(module, _empty(out_dim, settings.max_dim, device))
+        counts = torch.tensor([x_rows.get(module, 0), float(module in gs), read], dtype=torch.float64, device=device)
+        x, g, counts = reduce(x), reduce(g), reduce(counts)
+        rows, with_gradient, batch_count = (float(c) for c in counts)
+        if rows == 0:
             result[module] = "received no input in the calibration passes"
-        elif g is None:
+        elif with_gradient == 0:
             result[module] = "received no loss gradient in the calibration passes"
         elif not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(g).all())):
             raise ValueError("non-finite calibration inputs or loss gradients (NaN or inf); refusing to truncate")
         else:
-            rows = float(reduce(torch.tensor(float(x_rows[module]), dtype=torch.float64, device=x.device)))
             result[module] = LossMoments(_side(x, rows, settings.damping), _side(g, batch_count, settings.damping))
     return result
+
+
+def _empty(dim: int, max_dim: int, device: torch.device) -> Tensor:
+    """The moment of a side that saw nothing on this process: zeros, shaped as `add` would have made it."""
+    shape = (dim,) if dim > max_dim else (dim, dim)
+    return torch.zeros(shape, dtype=torch.float64, device=device)
 
 
 def _describe(value: Any) -> str:
