@@ -201,3 +201,22 @@ def test_a_trainer_without_max_epochs_is_refused_at_setup() -> None:
     fit = trainer(-1, [ladder_callback()], max_steps=20)
     with pytest.raises(ValueError, match=r"rounds='auto'\) times its rungs by the Trainer's epochs: set max_epochs"):
         fit.fit(SizeGated(), train, val)
+
+
+def test_a_failed_roll_back_leaves_the_rejected_rung_training_and_says_why(monkeypatch) -> None:
+    import lmd_lightning.callback.lmd_compression as callback_module
+
+    def broken(model, state_dict):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(callback_module, "restore_structure_", broken)
+    with pytest.warns(UserWarning, match=r"roll-back failed: RuntimeError: disk on fire; the rejected rung trains on"):
+        lmd, probe, model = run_ladder()
+    assert [r.decision for r in lmd.ladder] == ["kept", "kept", "roll-back failed"]
+    # the model is rung 3, whole and training: its ranks, its parameter count, its weights changing after the failure
+    assert sum(p.numel() for p in model.parameters()) == lmd.ladder[2].params
+    assert lmd.ranks == {
+        layer["name"]: layer["rank"] for layer in lmd.reports[2]["layers"] if layer["rank"] is not None
+    }
+    assert not torch.equal(probe.states[9]["net.0.U"], probe.states[11]["net.0.U"])
+    assert lmd.failure.startswith("roll-back failed")
