@@ -527,6 +527,11 @@ class LMDCompressionBase(_Hooks):
                     f"{plan.rung_epochs} epochs from epoch {epoch}, final fine-tune from epoch {plan.final_from} at "
                     f"the latest"
                 )
+                if self.trigger != "epoch" and not self._watch.monitor.converged:
+                    self._info(
+                        "LMDCompression ladder: started at the forced epoch, before the trigger saw convergence; "
+                        "a dense model that is still improving sets a reference below what it would reach"
+                    )
                 self._compress(trainer, pl_module)
                 ladder.finished = ladder.pending is None  # the first rung failed: dense, and said why
             return
