@@ -333,3 +333,60 @@ def test_a_later_round_with_metric_maps_does_not_untie_a_joint_pair() -> None:
     with pytest.raises(ValueError, match=r"`metric_maps=True`: `embed` shares its factors with `head`"):
         compress_(model, FixedRank(8), metric_maps=True)
     assert model.head.U is model.embed.U and not model.embed.has_metric_maps and not model.head.has_metric_maps
+
+
+def test_the_ladder_climbs_on_hf_gpt2() -> None:
+    """rounds="auto" on an HF GPT-2 in the loss metric: three rungs, each smaller, lm_head still tied to wte."""
+    from lmd_lightning import Guard
+
+    pl.seed_everything(0, verbose=False)
+    text = torch.arange(40).repeat(40)[: 64 * 17].reshape(64, 17) % 40
+
+    def as_dict(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids = torch.stack(rows)
+        return {"input_ids": ids, "labels": ids}
+
+    train = torch.utils.data.DataLoader(list(text), batch_size=8, collate_fn=as_dict)
+    val = torch.utils.data.DataLoader(list(text[:16]), batch_size=8, collate_fn=as_dict)
+    module = GPT2CharLM()
+    lmd = LMDCompression(
+        RankRatio(0.25),
+        trigger="epoch",
+        min_epochs=2,
+        monitor="val_loss",
+        mode="min",
+        guard=Guard(max_drop=100.0),
+        rounds="auto",
+    )
+    trainer(6, [lmd]).fit(module, train, val)
+    rungs = lmd.ladder
+    assert [r.decision for r in rungs] == ["kept"] * 3 and [r.epoch for r in rungs] == [2, 3, 4]
+    assert rungs[0].params > rungs[1].params > rungs[2].params == sum(p.numel() for p in module.parameters())
+    gpt2 = module.model.transformer
+    assert type(gpt2.h[0].attn.c_attn).__name__ == "FactoredHFConv1D" and module.model.lm_head.weight is gpt2.wte.weight
+    assert lmd.ranks["model.transformer.h.0.mlp.c_fc"] == gpt2.h[0].mlp.c_fc.rank
+
+
+@pytest.mark.parametrize("model", ["gpt2", "nn.Transformer"])
+def test_a_roll_back_to_dense_restores_third_party_layers(model: str) -> None:
+    """restore_structure_ (the ladder's roll-back) turns factored HF Conv1D and split attention back into originals."""
+    from lmd_lightning.truncate.restore import restore_structure_
+
+    module = GPT2CharLM() if model == "gpt2" else Seq2SeqLM()
+    net = (module.model if model == "gpt2" else module).eval()  # no dropout between the two passes
+    dense = {key: value.clone() for key, value in net.state_dict().items()}
+    kinds = {name: type(m) for name, m in net.named_modules()}
+    if model == "gpt2":
+        inputs = (torch.randint(0, 40, (2, 9)),)
+    else:
+        inputs = (torch.randint(0, 30, (2, 7)), torch.randint(0, 30, (2, 6)))
+    with torch.no_grad():
+        expected = net(*inputs) if model != "gpt2" else net(*inputs).logits
+    compress_(net, FixedRank(4), exclude="lm_head" if model == "gpt2" else "out")
+    assert any(type(m) is not kinds.get(name) for name, m in net.named_modules())
+    restore_structure_(net, dense)
+    net.load_state_dict(dense)
+    assert {name: type(m) for name, m in net.named_modules()} == kinds
+    with torch.no_grad():
+        got = net(*inputs) if model != "gpt2" else net(*inputs).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
