@@ -204,7 +204,7 @@ def test_a_trainer_without_max_epochs_is_refused_at_setup() -> None:
 
 
 def test_a_failed_roll_back_leaves_the_rejected_rung_training_and_says_why(monkeypatch) -> None:
-    import lmd_lightning.callback.lmd_compression as callback_module
+    import lmd_lightning.callback.climb as callback_module  # where the roll-back looks restore_structure_ up
 
     def broken(model, state_dict):
         raise RuntimeError("disk on fire")

@@ -207,8 +207,9 @@ def loss_moments(
         raise ValueError("the loss metric needs calibration data, but the calibration iterable yielded no batch")
     result: dict[nn.Module, LossMoments | str] = {}
     for module in modules:  # the same reductions, in the same order, on every process (DDP)
-        out_dim, fan_in = layer_weight(module).shape
-        device = layer_weight(module).device
+        weight = layer_weight(module)  # only its shape and device: a factored layer's product is built once
+        out_dim, fan_in = weight.shape
+        device = weight.device
         x = xs.get(module, _empty(fan_in, settings.max_dim, device))
         g = gs.get(module, _empty(out_dim, settings.max_dim, device))
         counts = torch.tensor([x_rows.get(module, 0), float(module in gs), read], dtype=torch.float64, device=device)
