@@ -25,7 +25,7 @@ SUITES = {  # suite → benchmark modules, in the order they run
     "memory": ("bench_memory",),  # item 4: peak RSS, parameter and optimizer-state bytes
     "scaling": ("bench_scaling", "bench_factored"),  # item 5: cost vs layer width
     "lmd": ("bench_lmd",),  # data metric, metric maps and regularizers
-    "convergence": ("bench_convergence",),  # the ‖∇L‖ monitor's defaults
+    "convergence": ("bench_convergence", "bench_trigger"),  # the ‖∇L‖ monitor's defaults; triggers vs the plateau
     "parametrization": ("bench_parametrization",),  # balanced vs svd factors
     "zoo": ("bench_zoo", "bench_attention", "bench_charlm"),  # third-party: coverage, attention speed, GPT-2 LM
     "allocation": ("bench_allocation",),  # one-shot: the loss metric's allocation against uniform rank

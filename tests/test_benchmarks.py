@@ -21,6 +21,7 @@ QUICK_FILES = {
     "factored_speed_quick.md",
     "lmd_quick.md",
     "convergence_quick.md",
+    "trigger_quick.md",
     "parametrization_quick.md",
     "zoo_quick.md",
     "attention_speed_quick.md",

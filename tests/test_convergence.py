@@ -77,7 +77,7 @@ def test_state_dict_round_trip_continues_identically() -> None:
     head = feed(first, range(155))
     state = first.state_dict()
     assert len(state["pending"]) == 5  # 155 updates: 15 windows of 10 folded in, 5 pending
-    lists = {"pending", "steps"}
+    lists = {"pending", "pending_ratios", "steps"}
     assert all(isinstance(v, (int, float, bool, str, type(None))) for k, v in state.items() if k not in lists)
     assert all(isinstance(v, float) for v in state["pending"]) and state["steps"] == [150, 151, 152, 153, 154]
     resumed = ConvergenceMonitor(window=10, min_steps=30, rel_tol=0.05, patience=3)

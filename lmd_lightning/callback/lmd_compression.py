@@ -290,6 +290,8 @@ class LMDCompressionBase(LadderSteps, _Hooks):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.lmd.before_batch(trainer, pl_module)
+        if self._watching():
+            self._watch.before_batch(trainer, batch)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -432,6 +434,7 @@ class LMDCompressionBase(LadderSteps, _Hooks):
         """Leave the user's module as it was: strict loading given back, no hooks of ours left on it."""
         self._strict.give_back(pl_module)
         self.lmd.release()
+        self._watch.release()
 
     def _choose_policy(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict) -> RankPolicy | None:
         """This round's policy; with a `monitor`, also the sweep, and the guard's search if asked for.

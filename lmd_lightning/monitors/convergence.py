@@ -74,6 +74,14 @@ class ConvergenceMonitor:
       `plateau_tol` for `patience` consecutive checks; or
     - decay: the EMA falls below `rel_tol` × its running peak.
     Non-finite norms are counted and skipped; they never move the EMA or trigger anything.
+
+    Noise-aware (`noise_tol` set, opt-in): the criterion is instead the noise ratio
+    ρ = ‖∇L‖²/(tr Σ/N), the full-batch gradient's squared norm in units of its sampling variance
+    over the N training samples, estimated per measured step from per-sample gradient norms
+    (`lmd_lightning.monitors.noise`) and fed as `update(..., ratio=ρ)`. Its EMA (decay
+    `noise_beta` per step) below `noise_tol` at `noise_patience` consecutive checks means
+    converged: the data no longer agree on a direction beyond what N samples can resolve. Plateau
+    and decay stay the fallback while no ratio has arrived (a model without measurable layers).
     """
 
     def __init__(
@@ -85,6 +93,9 @@ class ConvergenceMonitor:
         patience: int = 5,  # plateau checks in a row; 3 came within one check of firing early
         rel_tol: float = 0.1,  # EMA at 10% of its peak; 5% fired 11 epochs late under cosine SGD
         min_steps: int = 100,  # never converged within this many steps of the first norm
+        noise_tol: float | None = None,  # ρ threshold of the noise-aware criterion; None: off
+        noise_beta: float = 0.8,  # EMA decay of ρ per step
+        noise_patience: int = 2,  # checks in a row with the ρ EMA below noise_tol
     ) -> None:
         check_interval(beta, "beta", 0.0, 1.0)
         check_interval(window, "window", 1, integer=True)
@@ -92,13 +103,23 @@ class ConvergenceMonitor:
         check_interval(patience, "patience", 1, integer=True)
         check_interval(rel_tol, "rel_tol", 0.0, 1.0)
         check_interval(min_steps, "min_steps", 0, integer=True)
+        if noise_tol is not None:
+            check_interval(noise_tol, "noise_tol", 0.0, open_low=True)
+        check_interval(noise_beta, "noise_beta", 0.0, 1.0)
+        check_interval(noise_patience, "noise_patience", 1, integer=True)
         self.beta, self.window, self.plateau_tol = beta, window, plateau_tol
         self.patience, self.rel_tol, self.min_steps = patience, rel_tol, min_steps
+        self.noise_tol, self.noise_beta, self.noise_patience = noise_tol, noise_beta, noise_patience
         self.reset()
 
     def reset(self) -> None:
         """Forget everything: used after each compression round, before fine-tuning re-converges."""
         self._buffer: Tensor | None = None  # (window,) norms not yet folded into the EMA
+        self._ratios: Tensor | None = None  # (window,) noise ratios ρ alongside, NaN where none was fed
+        self._ratio_raw = 0.0  # EMA of ρ, not yet bias-corrected
+        self._ratio_weight = 0.0
+        self._ratio_step: int | None = None
+        self.noise_streak = 0
         self._steps: list[int] = []  # the optimizer step of each buffered norm
         self._ema_raw = 0.0  # EMA over finite norms, not yet bias-corrected
         self._weight = 0.0  # the EMA's total weight, for bias correction
@@ -122,12 +143,24 @@ class ConvergenceMonitor:
         """The bias-corrected EMA of ‖∇L‖ as of the last check; None before any finite norm."""
         return self._ema_raw / self._weight if self._weight > 0 else None
 
-    def update(self, grad_norm: Tensor | float, step: int, layer_norms: dict[str, Tensor] | None = None) -> bool:
+    @property
+    def noise_ratio(self) -> float | None:
+        """The bias-corrected EMA of the noise ratio ρ as of the last check; None before any ratio."""
+        return self._ratio_raw / self._ratio_weight if self._ratio_weight > 0 else None
+
+    def update(
+        self,
+        grad_norm: Tensor | float,
+        step: int,
+        layer_norms: dict[str, Tensor] | None = None,
+        ratio: Tensor | float | None = None,
+    ) -> bool:
         """Feed one gradient norm measured at optimizer step `step`; returns `converged`.
 
         Steps may skip (a norm every few steps): the EMA decays by `beta` per step, and `window`
         and `min_steps` count steps, so the criterion means the same at any measuring rate.
         `layer_norms` (name → norm), when given, is kept as `latest_layer_norms` for inspection.
+        `ratio`: the step's noise ratio ρ (see the class docstring), for `noise_tol`.
         """
         if layer_norms is not None:
             self.latest_layer_norms = layer_norms
@@ -140,11 +173,20 @@ class ConvergenceMonitor:
             self._buffer = self._buffer.to(norm.device)
         if self._first_step is None:
             self._first_step, self._last_check = step, step - 1
+        if ratio is not None:
+            if self._ratios is None:
+                self._ratios = torch.full((self.window,), math.nan, dtype=torch.float32, device=norm.device)
+            self._ratios[len(self._steps)] = torch.as_tensor(ratio).detach().to(self._ratios.device)
+        elif self._ratios is not None:
+            self._ratios[len(self._steps)] = math.nan
         self._buffer[len(self._steps)] = norm
         self._steps.append(step)
         self.calls += 1
         if step - self._last_check >= self.window or len(self._steps) == self.window:
-            self._fold(self._buffer[: len(self._steps)].tolist())
+            count = len(self._steps)
+            if self._ratios is not None:
+                self._fold_ratios(self._ratios[:count].tolist(), self._steps)
+            self._fold(self._buffer[:count].tolist())
             self._check(step)
         return self.converged
 
@@ -162,8 +204,20 @@ class ConvergenceMonitor:
             self._last_step = step
             self.updates += 1
 
+    def _fold_ratios(self, values: list[float], steps: list[int]) -> None:
+        for value, step in zip(values, steps):
+            if not math.isfinite(value):
+                continue
+            decay = self.noise_beta ** (step - self._ratio_step) if self._ratio_step is not None else self.noise_beta
+            self._ratio_raw = decay * self._ratio_raw + (1 - decay) * value
+            self._ratio_weight = decay * self._ratio_weight + (1 - decay)
+            self._ratio_step = step
+
     def _check(self, step: int) -> None:
         self._last_check = step
+        if self.noise_tol is not None and self.noise_ratio is not None:
+            self._check_noise(step)
+            return
         ema = self.ema
         if ema is None or not self._finite_in_window:  # a window of only NaN/inf says nothing
             return
@@ -180,6 +234,14 @@ class ConvergenceMonitor:
             )
         elif self.peak > 0 and ema <= self.rel_tol * self.peak:
             self._declare(step, f"‖∇L‖ EMA fell to {ema / self.peak:.1%} of its peak {self.peak:.4g}")
+
+    def _check_noise(self, step: int) -> None:
+        ratio = self.noise_ratio
+        self.noise_streak = self.noise_streak + 1 if ratio < self.noise_tol else 0
+        if step - self._first_step + 1 >= self.min_steps and self.noise_streak >= self.noise_patience:
+            self._declare(
+                step, f"noise ratio ‖∇L‖²/(tr Σ/N) EMA {ratio:.3g} < {self.noise_tol:g} for {self.noise_streak} checks"
+            )
 
     def _declare(self, step: int, reason: str) -> None:
         self.converged, self.converged_step, self.reason = True, step, reason
@@ -200,23 +262,38 @@ class ConvergenceMonitor:
         "converged",
         "converged_step",
         "reason",
+        "_ratio_raw",
+        "_ratio_weight",
+        "_ratio_step",
+        "noise_streak",
     )
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python numbers and lists only, so checkpoints load with torch.load(weights_only=True)."""
         pending = [] if self._buffer is None else self._buffer[: len(self._steps)].tolist()
-        return {"pending": pending, **{key.lstrip("_"): getattr(self, key) for key in self._STATE}}
+        ratios = [] if self._ratios is None else self._ratios[: len(self._steps)].tolist()
+        state = {key.lstrip("_"): getattr(self, key) for key in self._STATE}
+        return {"pending": pending, "pending_ratios": ratios, **state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reset()
         for key in self._STATE:
-            setattr(self, key, state[key.lstrip("_")])
+            if key.lstrip("_") in state:  # the noise entries are absent from checkpoints written before them
+                setattr(self, key, state[key.lstrip("_")])
         self._steps = list(self._steps)
+        pad = [0.0] * (self.window - len(state["pending"]))
         if state["pending"]:
-            self._buffer = torch.tensor(state["pending"] + [0.0] * (self.window - len(state["pending"])))
+            self._buffer = torch.tensor(state["pending"] + pad)
+        if state.get("pending_ratios"):
+            self._ratios = torch.tensor(state["pending_ratios"] + [math.nan] * len(pad))
 
     def __repr__(self) -> str:
         return (
             f"ConvergenceMonitor(beta={self.beta}, window={self.window}, plateau_tol={self.plateau_tol}, "
-            f"patience={self.patience}, rel_tol={self.rel_tol}, min_steps={self.min_steps})"
+            f"patience={self.patience}, rel_tol={self.rel_tol}, min_steps={self.min_steps}"
+            + (
+                f", noise_tol={self.noise_tol}, noise_beta={self.noise_beta}, noise_patience={self.noise_patience})"
+                if self.noise_tol is not None
+                else ")"
+            )
         )
