@@ -148,7 +148,8 @@ class TriggerWatch:
         norm, layers = self._meter.measure(scale)
         ratio = self._ratio(trainer, scale) if self._noise is not None and self._noise.armed else None
         monitor, was = self.convergence, self.convergence.converged
-        if monitor.update(norm, trainer.global_step, layers, ratio=ratio) and not was:
+        extra = {} if ratio is None else {"ratio": ratio}  # subclasses written before `ratio` keep working
+        if monitor.update(norm, trainer.global_step, layers, **extra) and not was:
             info(
                 f"LMDCompression: converged at step {trainer.global_step} ({monitor.reason}); "
                 f"‖∇L‖ EMA {monitor.ema:.4g}, peak {monitor.peak:.4g}. Compressing at the next epoch."
