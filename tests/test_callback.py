@@ -83,12 +83,38 @@ def test_optimizer_state_and_schedule_carry_over(optimizer: str, scheduler: str,
 
 
 def test_grad_norm_trigger_fires_before_the_forced_epoch() -> None:
-    monitor = ConvergenceMonitor(window=5, patience=2, plateau_tol=0.2, min_steps=10)
+    monitor = ConvergenceMonitor(criterion="step", window=5, patience=2, plateau_tol=0.2, min_steps=10)
     lmd = LMDCompression(EnergyRank(0.9), trigger=monitor, min_epochs=1, exclude="net.4")
     fit([lmd], max_epochs=9)
     assert lmd.compressed and "‖∇L‖ EMA" in lmd.reports[0]["trigger"]
     assert 1 <= lmd.compressed_epoch < 6  # forced epoch would be 2/3 of 9 = 6
     assert not monitor.converged  # reset after the round, ready for the next one
+
+
+class RecordingMonitor(ConvergenceMonitor):
+    """The default epoch criterion, recording each closed epoch's mean and the epoch count it had then."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.means: list[float] = []
+
+    def end_epoch(self) -> bool:
+        converged = super().end_epoch()
+        if self.last_epoch_mean is not None and len(self.means) < self.epochs:
+            self.means.append(self.last_epoch_mean)
+        return converged
+
+
+def test_epoch_criterion_fires_in_the_epoch_its_means_predict() -> None:
+    """On this small model ‖g‖ grows for five epochs; rel_tol=0.99 fires at the first epoch mean below the peak."""
+    monitor = RecordingMonitor(criterion="epoch", min_steps=0, rel_tol=0.99)
+    lmd = LMDCompression(EnergyRank(0.9), trigger=monitor, min_epochs=1, exclude="net.4")
+    fit([lmd], max_epochs=12)
+    means = monitor.means
+    predicted = next(e + 1 for e in range(len(means)) if means[e] <= 0.99 * max(means[: e + 1]))
+    assert lmd.compressed and lmd.reports[0]["trigger"].startswith("epoch-mean ‖g‖")
+    assert lmd.compressed_epoch == predicted and 1 < predicted < 8  # the forced epoch is 2/3 of 12
+    assert len(means) == predicted  # decided at the start of the epoch after, then reset for the next round
 
 
 def test_forced_epoch_when_the_monitor_never_fires() -> None:

@@ -99,6 +99,7 @@ def test_grad_norm_trigger_through_lmd_train(tmp_path: Path) -> None:
             *tiny,
             "data=synthetic",
             "logger=none",
+            "trigger.criterion=step",
             "trigger.min_steps=4",
             "trigger.window=2",
             "trigger.patience=1",

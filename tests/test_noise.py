@@ -75,12 +75,54 @@ def test_in_place_activation_after_the_layer_and_disarmed_steps() -> None:
     assert meter.take() is None
 
 
+def test_hf_conv1d_and_a_gpt2_with_its_tied_head_left_out() -> None:
+    """GPT-2's Conv1D layers are measured exactly; lm_head, tied to the token embedding, is not measured."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(2)
+    layer, x = Conv1D(5, 6), torch.randn(7, 3, 6)  # nf=5 outputs, nx=6 inputs, 3 tokens
+    target = torch.randn(7, 3, 5)
+
+    def layer_loss(rows: slice) -> torch.Tensor:
+        return 0.5 * (layer(x[rows]) - target[rows]).square().sum()
+
+    meter = PerSampleNorms({"layer": layer})
+    assert measurable(layer)
+    meter.arm()
+    (layer_loss(slice(None)) / 7).backward()
+    assert float(meter.take()) == pytest.approx(brute_force(layer, layer_loss, 7, list(meter.parameters())), rel=1e-6)
+    meter.disarm()
+
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=8, bos_token_id=0, eos_token_id=0
+    )
+    config.attn_pdrop = config.resid_pdrop = config.embd_pdrop = 0.0
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 40, (5, 8))
+    meter = PerSampleNorms.of(model)
+    assert "lm_head" not in meter.layers and len(meter.layers) == 8  # c_attn, c_proj, c_fc, c_proj per block
+
+    def lm_loss(rows: slice) -> torch.Tensor:
+        logits = model(ids[rows]).logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, 40), ids[rows, 1:].reshape(-1), reduction="sum") / 7
+
+    meter.arm()
+    (lm_loss(slice(None)) / 5).backward()
+    got = meter.take()
+    meter.disarm()
+    assert float(got) == pytest.approx(brute_force(model, lm_loss, 5, list(meter.parameters())), rel=1e-5)
+
+
 def test_what_is_measurable() -> None:
     assert measurable(nn.Linear(3, 4)) and measurable(nn.Conv2d(2, 2, 3))
     assert not measurable(nn.Conv2d(4, 4, 3, groups=2))
     assert not measurable(nn.Conv1d(2, 2, 3, padding="same"))
     assert not measurable(nn.Conv1d(2, 2, 3, padding=1, padding_mode="circular"))
     assert not measurable(nn.Embedding(5, 3)) and not measurable(nn.LayerNorm(3))
+    tied = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+    tied[1].weight = tied[0].weight
+    assert set(PerSampleNorms.of(tied).layers) == set()
     frozen = nn.Linear(3, 3).requires_grad_(False)
     assert not measurable(frozen)
 
@@ -118,7 +160,7 @@ def test_noise_criterion_fires_after_patience_checks_below_the_threshold() -> No
 
 
 def test_noise_criterion_falls_back_without_ratios_and_needs_min_steps() -> None:
-    fallback = ConvergenceMonitor(window=10, min_steps=0, patience=2, noise_tol=5.0)
+    fallback = ConvergenceMonitor(criterion="step", window=10, min_steps=0, patience=2, noise_tol=5.0)
     assert feed(fallback, [None] * 100) is not None and fallback.reason.startswith("‖∇L‖ EMA changed")
     held = ConvergenceMonitor(window=10, min_steps=60, noise_tol=5.0, noise_patience=1)
     assert feed(held, [1.0] * 100) == 59

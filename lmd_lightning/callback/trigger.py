@@ -1,6 +1,7 @@
 """The trigger inside a fit: what LMDCompression watches to decide that training has converged.
 
-- "grad_norm": ‖∇L‖ every `every_n_steps` optimizer steps into a ConvergenceMonitor (LMD.md section 1);
+- "grad_norm": ‖∇L‖ every `every_n_steps` optimizer steps into a ConvergenceMonitor (LMD.md section 1),
+  and each epoch closed at the next epoch's start (its default criterion decides on epoch means);
   with `ConvergenceMonitor(noise_tol=…)` also the noise ratio ρ of the same steps, from per-sample
   gradient norms of the measurable layers (hooks armed only on the measured steps);
 - "stable_rank": every targeted layer's stable rank into a StableRankMonitor (Cuttlefish), measured
@@ -158,7 +159,12 @@ class TriggerWatch:
     def measure_epoch(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, weights: Weights, info: Callable[[str], None]
     ) -> None:
-        """At an epoch start: the stable ranks the last epoch left, decided alike on every process."""
+        """At an epoch start, decide on the epoch that ended: its mean ‖g‖ ("grad_norm"), or the
+        stable ranks it left ("stable_rank"); alike on every process. Doing it here rather than at
+        the epoch's end means a checkpoint written at the end of an epoch misses no decision on resume."""
+        if self.kind == "grad_norm" and trainer.current_epoch > 0:
+            self._end_epoch(trainer, pl_module, info)
+            return
         monitor, epoch = self.stable_ranks, trainer.current_epoch - 1
         if self.kind != "stable_rank" or epoch < 0 or not monitor.started or monitor.converged:
             return
@@ -171,6 +177,17 @@ class TriggerWatch:
             pl_module.log("lmd/stable_rank_change", monitor.change)
         for name, value in monitor.latest.items():
             pl_module.log(f"lmd/stable_rank/{name}", value)
+
+    def _end_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, info: Callable[[str], None]) -> None:
+        monitor, was = self.convergence, self.convergence.converged
+        # ‖g‖ is measured after the gradients are all-reduced, so every process sees the same norms
+        if monitor.end_epoch() and not was:
+            info(
+                f"LMDCompression: converged after epoch {trainer.current_epoch - 1} ({monitor.reason}). "
+                "Compressing now."
+            )
+        if monitor.last_epoch_mean is not None and not was:
+            pl_module.log("lmd/grad_norm_epoch_mean", monitor.last_epoch_mean)
 
     def epoch_end(self, pl_module: pl.LightningModule) -> None:
         if self.kind == "grad_norm" and self.convergence.noise_ratio is not None:

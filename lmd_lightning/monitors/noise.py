@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmd_lightning.layers.base import qualified_name
+from lmd_lightning.layers.hf_conv1d import HF_CONV1D
+
 __all__ = ["PerSampleNorms", "measurable", "noise_estimates", "per_sample_squares"]
 
 _COST_LIMIT = 1 << 31  # multiply-adds per layer and step above which a layer is left out
@@ -54,10 +57,16 @@ def _conv_unfold(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
 
 
+def _linear_like(module: nn.Module) -> bool:
+    """nn.Linear, or Hugging Face's Conv1D (a Linear layer with its weight stored transposed)."""
+    return isinstance(module, nn.Linear) or qualified_name(type(module)) == HF_CONV1D
+
+
 def measurable(module: nn.Module) -> bool:
-    """Whether `per_sample_squares` covers this layer: Linear, and Conv1d/Conv2d with groups=1, zero padding."""
-    if isinstance(module, nn.Linear):
-        return module.weight.requires_grad
+    """Whether `per_sample_squares` covers this layer: Linear, Hugging Face Conv1D, and Conv1d/Conv2d
+    with groups=1 and zero padding."""
+    if _linear_like(module):
+        return isinstance(getattr(module, "weight", None), nn.Parameter) and module.weight.requires_grad
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return (
             module.groups == 1
@@ -72,10 +81,11 @@ def per_sample_squares(module: nn.Module, x: Tensor, grad_output: Tensor) -> Ten
     """Σᵢ ‖cᵢ‖² over the layer's weight and bias for one batch (a float64 0-dim tensor); None if too costly.
 
     `x` is the layer's input and `grad_output` the loss's gradient at its output, both with the
-    batch first; a Linear layer's middle dimensions (tokens) all belong to their sample.
+    batch first; a Linear layer's middle dimensions (tokens) all belong to their sample. The norm
+    does not depend on how the weight is stored, so Hugging Face's Conv1D takes the Linear route.
     """
     x, d = x.detach(), grad_output.detach()
-    if isinstance(module, nn.Linear):
+    if _linear_like(module):
         b = x.shape[0]
         x, d = x.reshape(b, -1, x.shape[-1]), d.reshape(b, -1, d.shape[-1])  # (B, T, n), (B, T, m)
     else:
@@ -110,7 +120,19 @@ class PerSampleNorms:
 
     @classmethod
     def of(cls, model: nn.Module) -> PerSampleNorms:
-        return cls(dict(model.named_modules()))
+        """Every measurable layer of `model` whose parameters no other module also uses.
+
+        A tied weight (GPT-2's lm_head and token embedding) gets gradient from each of its uses,
+        and only the hooked use's per-sample share would be counted, so tied layers are left out.
+        """
+        owners: dict[int, int] = {}
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        layers = {
+            name: m for name, m in model.named_modules() if all(owners[id(p)] == 1 for p in m.parameters(recurse=False))
+        }
+        return cls(layers)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The parameters whose per-sample contributions are measured (weights and biases)."""
