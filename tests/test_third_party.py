@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -13,6 +14,7 @@ import torchmetrics
 from torch import nn
 
 from lmd_lightning import (
+    ConvergenceMonitor,
     FactoredConv2d,
     FactoredLinear,
     FixedRank,
@@ -390,3 +392,52 @@ def test_a_roll_back_to_dense_restores_third_party_layers(model: str) -> None:
     with torch.no_grad():
         got = net(*inputs) if model != "gpt2" else net(*inputs).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_noise_ratio_and_the_epoch_criterion_on_hf_gpt2() -> None:
+    """The per-sample hooks measure GPT-2's Conv1D layers (lm_head, tied, is left out) inside a fit; the
+    epoch criterion fires in the epoch its recorded means predict, and no hook outlives the fit."""
+    pl.seed_everything(0, verbose=False)
+    text = torch.arange(40).repeat(40)[: 64 * 17].reshape(64, 17) % 40
+
+    def as_dict(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids = torch.stack(rows)
+        return {"input_ids": ids, "labels": ids}
+
+    train = torch.utils.data.DataLoader(list(text), batch_size=8, collate_fn=as_dict)
+    module = GPT2CharLM()
+    means: list[float] = []
+    ratios: list[float] = []
+    measured: list[set[str]] = []
+
+    class Recording(ConvergenceMonitor):
+        def end_epoch(self) -> bool:
+            if lmd._watch._noise is not None and not measured:
+                measured.append(set(lmd._watch._noise.layers))  # the dense model's, before any swap
+            converged = super().end_epoch()
+            if self.last_epoch_mean is not None and len(means) < self.epochs:
+                means.append(self.last_epoch_mean)
+                ratios.append(self.noise_ratio)
+            return converged
+
+    # with noise_tol the noise ratio decides (an unbiased ρ can be negative, so it may fire)...
+    monitor = Recording(criterion="epoch", min_steps=0, rel_tol=0.5, noise_tol=1e-9)
+    lmd = LMDCompression(RankRatio(0.5), trigger=monitor, every_n_steps=1)
+    t = trainer(6, [lmd])
+    t.fit(module, train)
+    assert measured[0] == {f"model.transformer.h.{i}.{n}" for i in (0, 1) for n in _GPT2_LAYERS}
+    assert ratios and all(r is not None and math.isfinite(r) for r in ratios)
+    trigger = lmd.reports[0]["trigger"]
+    assert trigger.startswith("noise ratio") or lmd.compressed_epochs == [4], trigger  # never the epoch rule
+    assert not any(m._forward_hooks for m in module.modules())
+    # ...and without noise_tol the epoch rule fires where the means say
+    pl.seed_everything(0, verbose=False)
+    module, means[:] = GPT2CharLM(), []
+    lmd = LMDCompression(RankRatio(0.5), trigger=Recording(criterion="epoch", min_steps=0, rel_tol=0.8))
+    trainer(6, [lmd]).fit(module, train)
+    predicted = next(e + 1 for e in range(len(means)) if means[e] <= 0.8 * max(means[: e + 1]))
+    assert lmd.compressed_epochs == [predicted] and predicted < 4  # here the mean falls 20% by epoch 3
+    assert lmd.reports[0]["trigger"].startswith("epoch-mean ‖g‖")
+
+
+_GPT2_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
