@@ -167,17 +167,22 @@ class GPT2CharLM(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
 
-def test_hf_gpt2_lm_through_the_callback_keeps_training() -> None:
-    """Conv1D projections factored mid-fit, lm_head still tied, the loss still falls after the swap."""
-    pl.seed_everything(0, verbose=False)
-    text = torch.arange(40).repeat(40)[: 64 * 17].reshape(64, 17) % 40  # a periodic "text": learnable
+def periodic_text() -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """Train and validation loaders of a periodic "text" (learnable), in HF-style dict batches."""
+    text = torch.arange(40).repeat(40)[: 64 * 17].reshape(64, 17) % 40
 
     def as_dict(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         ids = torch.stack(rows)
         return {"input_ids": ids, "labels": ids}
 
     train = torch.utils.data.DataLoader(list(text), batch_size=8, collate_fn=as_dict)
-    val = torch.utils.data.DataLoader(list(text[:16]), batch_size=8, collate_fn=as_dict)
+    return train, torch.utils.data.DataLoader(list(text[:16]), batch_size=8, collate_fn=as_dict)
+
+
+def test_hf_gpt2_lm_through_the_callback_keeps_training() -> None:
+    """Conv1D projections factored mid-fit, lm_head still tied, the loss still falls after the swap."""
+    pl.seed_everything(0, verbose=False)
+    train, val = periodic_text()
     module = GPT2CharLM()
     lmd = LMDCompression(RankRatio(0.5), trigger="epoch", min_epochs=2, monitor="val_loss", mode="min")
     t = trainer(5, [lmd])
@@ -342,14 +347,7 @@ def test_the_ladder_climbs_on_hf_gpt2() -> None:
     from lmd_lightning import Guard
 
     pl.seed_everything(0, verbose=False)
-    text = torch.arange(40).repeat(40)[: 64 * 17].reshape(64, 17) % 40
-
-    def as_dict(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        ids = torch.stack(rows)
-        return {"input_ids": ids, "labels": ids}
-
-    train = torch.utils.data.DataLoader(list(text), batch_size=8, collate_fn=as_dict)
-    val = torch.utils.data.DataLoader(list(text[:16]), batch_size=8, collate_fn=as_dict)
+    train, val = periodic_text()
     module = GPT2CharLM()
     lmd = LMDCompression(
         RankRatio(0.25),
@@ -398,13 +396,7 @@ def test_noise_ratio_and_the_epoch_criterion_on_hf_gpt2() -> None:
     """The per-sample hooks measure GPT-2's Conv1D layers (lm_head, tied, is left out) inside a fit; the
     epoch criterion fires in the epoch its recorded means predict, and no hook outlives the fit."""
     pl.seed_everything(0, verbose=False)
-    text = torch.arange(40).repeat(40)[: 64 * 17].reshape(64, 17) % 40
-
-    def as_dict(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        ids = torch.stack(rows)
-        return {"input_ids": ids, "labels": ids}
-
-    train = torch.utils.data.DataLoader(list(text), batch_size=8, collate_fn=as_dict)
+    train, _ = periodic_text()
     module = GPT2CharLM()
     means: list[float] = []
     ratios: list[float] = []
