@@ -91,8 +91,19 @@ def test_dense_baseline_and_csv_logger(tmp_path: Path) -> None:
     assert {"val_acc", "val_loss", "epoch"} <= set(header)
 
 
+def test_default_epoch_criterion_through_lmd_train(tmp_path: Path) -> None:
+    """The default trigger is the epoch-mean criterion; loosened for a smoke run, it fires before the forced epoch."""
+    tiny = [o for o in TINY if o != "trigger=epoch"]
+    overrides = (*tiny, "data=synthetic", "logger=none", "trigger.min_steps=4", "trigger.rel_tol=0.99")
+    extra = ("callback.every_n_steps=1", "trainer.max_epochs=6", "callback.max_epochs=5")
+    cfg = compose_config(overrides=(*overrides, *extra), output_dir=tmp_path)
+    assert cfg.trigger.criterion == "epoch" and cfg.trigger.rel_tol == 0.99
+    results = train(cfg)
+    assert results["compressed_epochs"][0] < 5 and "epoch-mean ‖g‖" in results["reports"][0]["trigger"]
+
+
 def test_grad_norm_trigger_through_lmd_train(tmp_path: Path) -> None:
-    """The default trigger, with a monitor quick enough for a smoke run: it fires before the forced epoch."""
+    """The step criterion, with a monitor quick enough for a smoke run: it fires before the forced epoch."""
     tiny = [o for o in TINY if o != "trigger=epoch"]
     cfg = compose_config(
         overrides=(

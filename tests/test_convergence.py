@@ -57,7 +57,7 @@ def test_min_steps_holds_back() -> None:
 
 
 def test_non_finite_norms_are_counted_and_ignored() -> None:
-    monitor = ConvergenceMonitor(window=4, min_steps=0, rel_tol=0.5, patience=100)
+    monitor = ConvergenceMonitor(criterion="step", window=4, min_steps=0, rel_tol=0.5, patience=100)
     for step, value in enumerate([4.0, float("nan"), float("inf"), 4.0]):
         monitor.update(value, step)
     assert monitor.nonfinite == 2 and monitor.ema == pytest.approx(4.0)
@@ -65,6 +65,14 @@ def test_non_finite_norms_are_counted_and_ignored() -> None:
     for step in range(4, 8):
         monitor.update(float("nan"), step)
     assert not monitor.converged and monitor.nonfinite == 6
+    # The epoch criterion: an epoch of only non-finite norms neither sets the peak nor fires.
+    epochs = ConvergenceMonitor(min_steps=0, rel_tol=0.5)
+    for step, value in enumerate([4.0, float("nan"), 4.0]):
+        epochs.update(value, step)
+    assert not epochs.end_epoch() and epochs.epoch_peak == pytest.approx(4.0)
+    for step in range(3, 6):
+        epochs.update(float("inf"), step)
+    assert not epochs.end_epoch() and epochs.epoch_peak == pytest.approx(4.0) and epochs.nonfinite == 4
 
 
 def test_state_dict_round_trip_continues_identically() -> None:
@@ -122,10 +130,14 @@ def test_windows_of_only_non_finite_norms_are_no_plateau() -> None:
 
 
 def test_all_zero_norms_do_not_divide_by_zero() -> None:
-    monitor = ConvergenceMonitor(window=10, patience=100, min_steps=0)
+    monitor = ConvergenceMonitor(criterion="step", window=10, patience=100, min_steps=0)
     for step in range(30):
         assert not monitor.update(0.0, step)
     assert monitor.ema == 0.0
+    epochs = ConvergenceMonitor(min_steps=0)  # a zero peak epoch mean has nothing to decay from: no fire
+    for step in range(10):
+        epochs.update(0.0, step)
+    assert not epochs.end_epoch() and epochs.epochs == 1 and epochs.epoch_peak == 0.0
 
 
 def test_sparse_measurements_mean_the_same_in_steps() -> None:
@@ -137,7 +149,7 @@ def test_sparse_measurements_mean_the_same_in_steps() -> None:
     assert sparse.calls * 4 == pytest.approx(dense.calls, abs=4)
     assert abs(fired_sparse - fired_dense) <= 20  # within one window
     # Per-step decay: after a long gap the old norms weigh almost nothing.
-    gap = ConvergenceMonitor(window=1, min_steps=10**9, beta=0.9)
+    gap = ConvergenceMonitor(criterion="step", window=1, min_steps=10**9, beta=0.9)
     gap.update(100.0, 0)
     gap.update(1.0, 100)
     assert gap.ema == pytest.approx(1.0, rel=1e-2)
@@ -157,7 +169,7 @@ def feed_epochs(monitor: ConvergenceMonitor, means: list[float], steps: int = 10
 
 def test_epoch_criterion_fires_on_the_epoch_mean_against_its_peak() -> None:
     # Peak epoch mean 8 (epoch 2); 0.75 is 9.4% of it: fires at epoch 5, not at 0.9 (11%) in epoch 4.
-    assert ConvergenceMonitor().criterion == "step" and ConvergenceMonitor().rel_tol == 0.1
+    assert ConvergenceMonitor().criterion == "epoch" and ConvergenceMonitor().rel_tol == 0.12
     monitor = ConvergenceMonitor(criterion="epoch", min_steps=0, rel_tol=0.1)
     assert feed_epochs(monitor, [4.0, 8.0, 2.0, 0.9, 0.75, 0.1]) == 5
     assert monitor.epochs == 5 and monitor.epoch_peak == pytest.approx(8.0)

@@ -48,9 +48,9 @@ class LMDCompressionBase(LadderSteps, _Hooks):
 
     Args:
         policy: how many singular values each layer keeps (EnergyRank, GlobalBudget, …).
-        trigger: "grad_norm" (‖∇L‖ into a ConvergenceMonitor), "stable_rank" (Cuttlefish's switch,
-            one round only), "epoch" (compress exactly at `min_epochs`, Pufferfish), or a configured
-            ConvergenceMonitor / StableRankMonitor.
+        trigger: "grad_norm" (‖∇L‖ into a ConvergenceMonitor(), its epoch-mean criterion),
+            "stable_rank" (Cuttlefish's switch, one round only), "epoch" (compress exactly at
+            `min_epochs`, Pufferfish), or a configured ConvergenceMonitor / StableRankMonitor.
         include / exclude / filter_fn: which layers, as in `compress_`.
         tied: "dense" keeps a head tied to its embedding dense and tied; "joint" factors the pair
             with one shared set of factors, as in `compress_` (not with `metric_maps`).
