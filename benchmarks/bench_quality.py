@@ -14,7 +14,8 @@ Conv2d but the head):
 - Pufferfish-style: `trigger="epoch"` at 80/300 of the epochs (Pufferfish's CIFAR-10 warm-up),
   `RankRatio(0.25)` on the same layers (Pufferfish itself keeps its first layers full-rank);
 - Cuttlefish-style: `trigger="stable_rank"` with the scaled stable rank `StableRank()`;
-- lmd_lightning: the ‖∇L‖ trigger (defaults) with the recipes' EnergyRank(0.7), ErrorBound(0.3)
+- lmd_lightning: the ‖∇L‖ trigger (defaults; quality.md was measured when the default criterion
+  was "step", and a re-run now uses "epoch") with the recipes' EnergyRank(0.7), ErrorBound(0.3)
   and GlobalBudget (MLP 0.2, CNN 0.5, transformer 0.5: chosen on validation in recipes_mnist1d.md),
   and GlobalBudget with `metric="data"`;
 - Lightning's `ModelPruning` (global L1 unstructured magnitude pruning of the same weights, no

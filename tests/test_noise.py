@@ -151,7 +151,7 @@ def feed(monitor: ConvergenceMonitor, ratios, start: int = 0) -> int | None:
 
 
 def test_noise_criterion_fires_after_patience_checks_below_the_threshold() -> None:
-    monitor = ConvergenceMonitor(window=10, min_steps=0, noise_tol=5.0, noise_beta=0.5, noise_patience=2)
+    monitor = ConvergenceMonitor("step", window=10, min_steps=0, noise_tol=5.0, noise_beta=0.5, noise_patience=2)
     assert feed(monitor, [20.0] * 100) is None  # a constant ‖g‖ would have fired the plateau rule by now
     assert monitor.noise_ratio == pytest.approx(20.0)
     fired = feed(monitor, [1.0] * 40, start=100)

@@ -98,8 +98,8 @@ class ConvergenceMonitor:
     over the N training samples, estimated per measured step from per-sample gradient norms
     (`lmd_lightning.monitors.noise`) and fed as `update(..., ratio=ρ)`. Its EMA (decay
     `noise_beta` per step) below `noise_tol` at `noise_patience` consecutive checks means
-    converged: the data no longer agree on a direction beyond what N samples can resolve. Plateau
-    and decay stay the fallback while no ratio has arrived (a model without measurable layers).
+    converged: the data no longer agree on a direction beyond what N samples can resolve. The
+    selected `criterion` is the fallback while no ratio has arrived (a model without measurable layers).
     """
 
     def __init__(
