@@ -45,13 +45,23 @@ def options(group: str) -> list[str]:
 def test_config_tree_ships_with_the_package() -> None:
     assert set(GROUPS) <= {path.name for path in config_dir().iterdir() if path.is_dir()}
     assert {"train.yaml", "finetune.yaml", "export.yaml"} <= {path.name for path in config_dir().glob("*.yaml")}
-    assert options("model") == ["cnn1d", "lenet300", "mlp", "resnet18", "transformer"]
-    assert options("data") == ["cifar10", "mnist", "mnist1d", "mnist1d_large", "synthetic"]
-    assert options("compression") == ["budget", "energy", "error_bound", "fixed", "ladder", "none", "stable_rank"]
+    assert options("model") == ["cnn1d", "lenet300", "mlp", "mlp_digits", "resnet18", "transformer"]
+    assert options("data") == ["cifar10", "digits", "mnist", "mnist1d", "mnist1d_large", "synthetic"]
+    assert options("compression") == [
+        "budget",
+        "budget_quarter",
+        "energy",
+        "energy_half",
+        "error_bound",
+        "fixed",
+        "ladder",
+        "none",
+        "stable_rank",
+    ]
     assert options("trigger") == ["epoch", "grad_norm", "stable_rank"]
     assert options("trainer") == ["cpu", "ddp", "gpu"]
     assert options("logger") == ["csv", "none", "tensorboard"]
-    recipes = {"mnist1d_mlp", "mnist1d_cnn", "mnist1d_transformer", "cifar10_resnet", "mnist_lenet300"}
+    recipes = {"mnist1d_mlp", "mnist1d_cnn", "mnist1d_transformer", "cifar10_resnet", "mnist_lenet300", "digits_mlp"}
     assert recipes <= {path.stem for path in recipe_dir().glob("*.yaml")}
 
 
@@ -68,8 +78,9 @@ def test_the_auto_recipe_is_the_ladder_in_the_loss_metric() -> None:
 def test_default_composition() -> None:
     cfg = compose_config()
     assert cfg.model._target_.endswith("MLPClassifier") and cfg.data._target_.endswith("MNIST1DDataModule")
-    assert cfg.compression._target_ == "lmd_lightning.EnergyRank" and cfg.compression.energy == 0.7
+    assert cfg.compression._target_ == "lmd_lightning.EnergyRank" and cfg.compression.energy == 0.5  # energy_half
     assert cfg.trigger._target_ == "lmd_lightning.ConvergenceMonitor" and cfg.trainer.accelerator == "cpu"
+    assert cfg.trigger.criterion == "epoch" and cfg.trigger.rel_tol is None  # None: the criterion's 0.12
     assert cfg.model.optimizer._partial_ is True
 
 

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmd_lightning.data import MNIST1DDataModule, TeacherDataModule, TorchvisionDataModule, load_mnist1d
+from lmd_lightning.data import (
+    DigitsDataModule,
+    MNIST1DDataModule,
+    TeacherDataModule,
+    TorchvisionDataModule,
+    load_digits_splits,
+    load_mnist1d,
+)
 
 
 def test_mnist1d_generated_offline_split_and_cached(tmp_path: Path) -> None:
@@ -53,6 +60,11 @@ def test_teacher_data_module() -> None:
         (lambda: MNIST1DDataModule(batch_size=0), r"`batch_size` must be an int >= 1, got 0"),
         (lambda: TeacherDataModule(rank=0), r"`rank` must be an int >= 1, got 0"),
         (lambda: TorchvisionDataModule("imagenet"), r"`name` must be one of \['cifar10', 'mnist'\], got 'imagenet'"),
+        (lambda: DigitsDataModule(val_fraction=0.0), r"`val_fraction` must be a float in \(0, 1\), got 0.0"),
+        (lambda: DigitsDataModule(test_fraction=True), r"`test_fraction` must be a float in \(0, 1\), got True"),
+        (lambda: DigitsDataModule(val_fraction=0.5, test_fraction=0.5), r"must be below 1 .* got 0.5 \+ 0.5"),
+        (lambda: DigitsDataModule(image="yes"), r"`image` must be a bool, got 'yes'"),
+        (lambda: DigitsDataModule(seed=-1), r"`seed` must be an int >= 0, got -1"),
     ],
 )
 def test_invalid_arguments(make, match: str) -> None:
@@ -92,3 +104,41 @@ def test_teacher_data_module_image_shaped() -> None:
     torch.testing.assert_close(train_x.mean(0), torch.zeros(24), atol=1e-4, rtol=0)  # standardized per pixel
     with pytest.raises(ValueError, match="`input_shape`"):
         TeacherDataModule(input_shape=[3, 0, 32])
+
+
+def test_digits_split_is_stratified_disjoint_complete_and_seeded() -> None:
+    splits = load_digits_splits()
+    assert {name: len(s.y) for name, s in splits.items()} == {"train": 1079, "val": 359, "test": 359}
+    rows = torch.cat([s.x for s in splits.values()])
+    assert rows.shape == (1797, 64) and rows.min() == 0 and rows.max() == 16  # ink counts of 4×4 blocks
+    from sklearn.datasets import load_digits
+
+    every = torch.as_tensor(load_digits().data, dtype=torch.float32)  # a partition: each image exactly once
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(torch.unique(rows, dim=0, return_counts=True), torch.unique(every, dim=0, return_counts=True))
+    )
+    class_sizes = torch.cat([s.y for s in splits.values()]).bincount()
+    for s, share in ((splits["val"], 0.2), (splits["test"], 0.2)):
+        assert (s.y.bincount(minlength=10) - class_sizes * share).abs().max() <= 0.5  # each class rounded
+    again, other = load_digits_splits(), load_digits_splits(seed=1)
+    assert torch.equal(again["val"].x, splits["val"].x) and not torch.equal(other["val"].x, splits["val"].x)
+
+
+def test_digits_module_standardizes_with_training_statistics_and_shapes_images() -> None:
+    flat, image = DigitsDataModule(batch_size=32), DigitsDataModule(batch_size=32, image=True)
+    flat.setup(), image.setup()
+    train = flat.datasets["train"].tensors[0]
+    assert flat.input_shape == (64,) and flat.num_classes == 10
+    constant = train.std(0) == 0  # border pixels that are blank in every training image
+    assert torch.allclose(train.mean(0), torch.zeros(64), atol=1e-5)
+    assert torch.allclose(train.std(0)[~constant], torch.ones(int((~constant).sum())), atol=1e-4)
+    x, y = next(iter(image.train_dataloader()))
+    assert x.shape == (32, 1, 8, 8) and image.input_shape == (1, 8, 8) and y.dtype == torch.int64
+    assert torch.equal(image.datasets["val"].tensors[0].flatten(1), flat.datasets["val"].tensors[0])
+
+
+def test_digits_without_scikit_learn_says_what_to_do(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ImportError, match=r"needs scikit-learn, which ships the images: pip install scikit-learn"):
+        DigitsDataModule().prepare_data()

@@ -1,9 +1,10 @@
-"""LightningDataModules for the recipes: MNIST-1D and a synthetic task offline, MNIST/CIFAR-10 online.
+"""LightningDataModules for the recipes: MNIST-1D, scikit-learn's digits and a synthetic task offline,
+MNIST/CIFAR-10 online.
 
-MNIST-1D is generated locally by the `mnist1d` package (no network) and cached; the synthetic
-teacher task is generated in milliseconds. MNIST and CIFAR-10 come from torchvision with its
-real `download=True` path, for users who have a network; offline and without the files they
-raise an error that says what to do.
+MNIST-1D is generated locally by the `mnist1d` package (no network) and cached; the 8×8 digits
+ship inside scikit-learn; the synthetic teacher task is generated in milliseconds. MNIST and
+CIFAR-10 come from torchvision with its real `download=True` path, for users who have a network;
+offline and without the files they raise an error that says what to do.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
 
 from lmd_lightning.checks import check_int
+from lmd_lightning.data.digits import check_split_fractions, load_digits_splits
 from lmd_lightning.data.mnist1d import Split, default_data_dir, load_mnist1d
 from lmd_lightning.data.synthetic import teacher_classification
 
-__all__ = ["MNIST1DDataModule", "TeacherDataModule", "TorchvisionDataModule"]
+__all__ = ["DigitsDataModule", "MNIST1DDataModule", "TeacherDataModule", "TorchvisionDataModule"]
 
 
 class _DataModule(pl.LightningDataModule):
@@ -100,6 +102,39 @@ class MNIST1DDataModule(_SplitsDataModule):
 
     def _make_splits(self) -> dict[str, Split]:
         return load_mnist1d(self.data_dir, self.num_samples, self.seed, self.val_fraction)
+
+
+class DigitsDataModule(_SplitsDataModule):
+    """scikit-learn's 1,797 real handwritten 8×8 digits, 10 classes, in a stratified seeded split.
+
+    Defaults: 60% train / 20% val / 20% test (1,077 / 360 / 360). `image=True` gives (1, 8, 8)
+    images for convolutional models, else 64 features. Standardized with the training statistics.
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        seed: int = 0,  # the split's and the training shuffle's seed
+        image: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, seed, num_workers)
+        if not isinstance(image, bool):
+            raise ValueError(f"`image` must be a bool, got {image!r}")
+        check_int(seed, "seed", 0)
+        self.val_fraction, self.test_fraction = check_split_fractions(val_fraction, test_fraction)
+        self.image, self.input_shape = image, (1, 8, 8) if image else (64,)
+
+    def prepare_data(self) -> None:
+        load_digits_splits(self.val_fraction, self.test_fraction, self.seed)  # fails early without scikit-learn
+
+    def _make_splits(self) -> dict[str, Split]:
+        splits = load_digits_splits(self.val_fraction, self.test_fraction, self.seed)
+        return {name: Split(s.x.reshape(-1, *self.input_shape), s.y) for name, s in splits.items()}
 
 
 class TeacherDataModule(_SplitsDataModule):
