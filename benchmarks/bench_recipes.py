@@ -16,6 +16,7 @@ import argparse
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.common import write_result
@@ -194,95 +195,81 @@ def curve_table(out: Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", type=Path, default=None, help="where the runs go (default: outputs/bench_recipes[_auto])"
-    )
-    parser.add_argument("--aggregate-only", action="store_true", help="only re-read runs already in --out")
-    parser.add_argument(
-        "--set", choices=("mnist1d", "auto", "curves", "digits"), default="mnist1d", help="which studies"
-    )
-    args = parser.parse_args(argv)
-    if args.set == "auto":
-        out = args.out or Path("outputs/bench_recipes_auto")
-        if not args.aggregate_only:
-            run(out, AUTO_STUDIES)
-        body = (
-            "Accuracies in %, mean ± std over seeds 0, 1, 2, on `mnist1d_large` (12,800 train / 3,200 val / "
-            "4,000 test). `auto` is the mnist1d_auto recipe (rounds=auto, GlobalBudget(params=0.05) as the floor, "
-            "loss metric, max_drop 0.01); `one_shot` is the same run with the one-shot EnergyRank(0.7) (the earlier "
-            "setting of the mnist1d_mlp recipe) in the weight metric; `dense` trains the same MLP for all 40 epochs. "
-            "The dense reference is what each ladder's rungs were held to (one-shot: the dense model's accuracy right "
-            "before truncation on the guard's batches). Fit time is `trainer.fit`'s wall time on this machine "
-            "(training, compression, validation). `ladder from epoch` lists each seed's compressed epochs.\n\n"
-            + auto_table(out)
-            + AUTO_READING
-        )
-        path = write_result(
+MNIST1D_INTRO = (
+    "Accuracies in %, mean ± std over seeds 0, 1, 2. MNIST-1D: 3,600 train / 400 val / 1,000 test. 'At "
+    "the swap' is the dense model's validation accuracy right before truncation; 'right after' is the "
+    "truncated model before any fine-tuning. `compressed at epoch` lists each seed's swap epoch "
+    "(0-based); the forced epoch is 26 of 40, so an earlier epoch means the ‖∇L‖ monitor fired.\n\n"
+)
+AUTO_INTRO = (
+    "Accuracies in %, mean ± std over seeds 0, 1, 2, on `mnist1d_large` (12,800 train / 3,200 val / 4,000 "
+    "test). `auto` is the mnist1d_auto recipe (rounds=auto, GlobalBudget(params=0.05) as the floor, loss "
+    "metric, max_drop 0.01); `one_shot` is the same run with the one-shot EnergyRank(0.7) (the earlier "
+    "setting of the mnist1d_mlp recipe) in the weight metric; `dense` trains the same MLP for all 40 "
+    "epochs. The dense reference is what each ladder's rungs were held to (one-shot: the dense model's "
+    "accuracy right before truncation on the guard's batches). Fit time is `trainer.fit`'s wall time on "
+    "this machine (training, compression, validation). `ladder from epoch` lists each seed's compressed "
+    "epochs.\n\n"
+)
+CURVE_INTRO = (
+    "Accuracies in %, mean ± std over seeds 0, 1, 2, on `mnist1d_large`, 40 epochs, the trigger forced at "
+    "epoch 26 (‖∇L‖ did not fire), each run truncated once and fine-tuned to the end; the knob is in the "
+    "run column. With the `--set auto` runs (the ladder, dense, and EnergyRank(0.7) in the weight metric) "
+    "these are the curves of README's Recipes section.\n\n"
+)
+DIGITS_INTRO = (
+    "Accuracies in %, mean ± std over seeds 0, 1, 2 (the model's initialisation; the data split and "
+    "shuffle are fixed). scikit-learn's digits: 1,797 real 8×8 images, stratified 1,079 train / 359 val / "
+    "359 test. The digits_mlp recipe (3×512 MLP, Adam 1e-3, 40 epochs, the default ‖∇L‖ trigger, forced "
+    "at 26), EnergyRank swept in the weight metric and GlobalBudget in the loss metric.\n\n"
+)
+
+
+def _sets() -> dict[str, tuple[dict[str, tuple[str, ...]], str, str, Callable[[Path], str]]]:
+    """--set name → (its studies, result file, title, the body from the runs' folder)."""
+    return {
+        "mnist1d": (
+            STUDIES,
+            "recipes_mnist1d",
+            "MNIST-1D recipes: sweeps, chosen settings, dense baselines",
+            lambda out: MNIST1D_INTRO + table(out) + RECIPES_READING,
+        ),
+        "auto": (
+            AUTO_STUDIES,
             "recipes_auto",
             "The mnist1d_auto recipe: the validated ladder against one-shot and dense",
-            body,
-            "python -m benchmarks.bench_recipes --set auto",
-        )
-        print(path.read_text())
-        return
-    if args.set == "curves":
-        out = args.out or Path("outputs/bench_recipes_curves")
-        if not args.aggregate_only:
-            run(out, CURVE_STUDIES)
-        body = (
-            "Accuracies in %, mean ± std over seeds 0, 1, 2, on `mnist1d_large`, 40 epochs, the trigger forced at "
-            "epoch 26 (‖∇L‖ did not fire), each run truncated once and fine-tuned to the end; the knob is in the run "
-            "column. With the `--set auto` runs (the ladder, dense, and EnergyRank(0.7) in the weight metric) "
-            "these are the curves of README's Recipes section.\n\n" + curve_table(out) + CURVE_READING
-        )
-        path = write_result(
+            lambda out: AUTO_INTRO + auto_table(out) + AUTO_READING,
+        ),
+        "curves": (
+            CURVE_STUDIES,
             "recipes_curves",
             "One-shot policies across their knob (mnist1d_auto data)",
-            body,
-            "python -m benchmarks.bench_recipes --set curves",
-        )
-        print(path.read_text())
-        return
-    if args.set == "digits":
-        out = args.out or Path("outputs/bench_recipes_digits")
-        if not args.aggregate_only:
-            run(out, DIGITS_STUDIES)
-        body = (
-            "Accuracies in %, mean ± std over seeds 0, 1, 2 (the model's initialisation; the data split and "
-            "shuffle are fixed). scikit-learn's digits: 1,797 real 8×8 images, stratified 1,079 train / 359 val / "
-            "359 test. The digits_mlp recipe (3×512 MLP, Adam 1e-3, 40 epochs, the default ‖∇L‖ trigger, forced "
-            "at 26), EnergyRank swept in the weight metric and GlobalBudget in the loss metric.\n\n"
-            + table(out, DIGITS_STUDIES)
-            + DIGITS_READING
-        )
-        path = write_result(
+            lambda out: CURVE_INTRO + curve_table(out) + CURVE_READING,
+        ),
+        "digits": (
+            DIGITS_STUDIES,
             "recipes_digits",
             "scikit-learn digits: the one-shot flow on a second real data set",
-            body,
-            "python -m benchmarks.bench_recipes --set digits",
-        )
-        print(path.read_text())
-        return
+            lambda out: DIGITS_INTRO + table(out, DIGITS_STUDIES) + DIGITS_READING,
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    sets = _sets()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where the runs go (default: outputs/bench_recipes[_SET])"
+    )
+    parser.add_argument("--aggregate-only", action="store_true", help="only re-read runs already in --out")
+    parser.add_argument("--set", choices=tuple(sets), default="mnist1d", help="which studies")
+    args = parser.parse_args(argv)
+    studies, name, title, body = sets[args.set]
+    out = args.out or Path("outputs/bench_recipes" + ("" if args.set == "mnist1d" else f"_{args.set}"))
     if not args.aggregate_only:
-        run(args.out or Path("outputs/bench_recipes"), STUDIES)
-    args.out = args.out or Path("outputs/bench_recipes")
-    body = (
-        "Accuracies in %, mean ± std over seeds 0, 1, 2. MNIST-1D: 3,600 train / 400 val / 1,000 test. "
-        "'At the swap' is the dense model's validation accuracy right before truncation; 'right after' is the "
-        "truncated model before any fine-tuning. `compressed at epoch` lists each seed's swap epoch (0-based); "
-        "the forced epoch is 26 of 40, so an earlier epoch means the ‖∇L‖ monitor fired.\n\n"
-        + table(args.out)
-        + RECIPES_READING
-    )
-    path = write_result(
-        "recipes_mnist1d",
-        "MNIST-1D recipes: sweeps, chosen settings, dense baselines",
-        body,
-        "python -m benchmarks.bench_recipes",
-    )
-    print(path.read_text())
+        run(out, studies)
+    command = "python -m benchmarks.bench_recipes" + ("" if args.set == "mnist1d" else f" --set {args.set}")
+    print(write_result(name, title, body(out), command).read_text())
 
 
 if __name__ == "__main__":
