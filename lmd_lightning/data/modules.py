@@ -107,7 +107,7 @@ class MNIST1DDataModule(_SplitsDataModule):
 class DigitsDataModule(_SplitsDataModule):
     """scikit-learn's 1,797 real handwritten 8×8 digits, 10 classes, in a stratified seeded split.
 
-    Defaults: 60% train / 20% val / 20% test (1,077 / 360 / 360). `image=True` gives (1, 8, 8)
+    Defaults: 60% train / 20% val / 20% test, rounded per class (1,079 / 359 / 359). `image=True` gives (1, 8, 8)
     images for convolutional models, else 64 features. Standardized with the training statistics.
     """
 
