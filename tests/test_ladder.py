@@ -85,6 +85,34 @@ def test_the_reference_averages_the_trigger_with_the_two_dense_epochs_before() -
     assert fresh.dense == 0.83
 
 
+def test_a_rung_is_judged_on_its_last_validations_without_its_first_epoch() -> None:
+    ladder = Ladder(max_drop=0.01)
+    for epoch, value in enumerate([0.80, 0.82, 0.81]):
+        ladder.observe(epoch, value)
+    ladder.start(3, 40, dense=0.81, kept=None)  # reference (0.80 + 0.82 + 0.81) / 3 = 0.81
+    ladder.add(3, 0.5, params=100, params_before=200)
+    # the rung trains epochs 3–8: the loop validates each; epoch 3 is its recovery from the cut
+    for epoch, value in zip(range(3, 9), [0.60, 0.79, 0.83, 0.82, 0.81, 0.79]):
+        ladder.observe(epoch, value)
+    # validated at epoch 9's start (the model epoch 8 left: 0.79, alone below the bar of 0.80); epochs 6 and 7
+    # join it, and epoch 8's loop value, of the same model, is not counted twice
+    assert not ladder.passes(0.79) and ladder.decide(9, 0.79)
+    rung = ladder.rungs[-1]
+    assert rung.value == pytest.approx((0.82 + 0.81 + 0.79) / 3) and rung.averaged == 3
+    assert (rung.last, rung.validated_epoch, rung.decision) == (0.79, 9, "kept")
+    # a rung of two epochs: its first is left out, so the measurement alone decides
+    ladder.add(9, 0.5, params=50, params_before=200)
+    ladder.observe(9, 0.95)
+    ladder.observe(10, 0.78)
+    assert not ladder.decide(11, 0.78)
+    assert (ladder.rungs[-1].value, ladder.rungs[-1].averaged) == (0.78, 1)
+    # a rung of three: the epoch after its first joins the measurement
+    ladder.add(11, 0.5, params=50, params_before=200)
+    for epoch, value in [(11, 0.50), (12, 0.82), (13, 0.80)]:
+        ladder.observe(epoch, value)
+    assert ladder.decide(14, 0.80) and ladder.rungs[-1].value == pytest.approx(0.81)
+
+
 def test_rungs_are_kept_within_the_drop_in_the_monitors_direction() -> None:
     ladder = Ladder(max_drop=0.01, mode="max", dense=0.90)
     assert ladder.passes(0.895) and ladder.passes(0.95) and not ladder.passes(0.885)

@@ -91,7 +91,8 @@ class LadderSteps:
         self.reports[-1]["ladder"] = dataclasses.asdict(rung)
         self._info(
             f"LMDCompression ladder: rung {rung.rung} ({rung.params:,} params, {rung.smaller:.2f}× smaller) "
-            f"{self.monitor} {value:.4f} after fine-tuning, dense reference {ladder.dense:.4f}: {rung.decision}"
+            f"{self.monitor} {rung.value:.4f} after fine-tuning (mean of its last {rung.averaged} validations; "
+            f"{value:.4f} now), dense reference {ladder.dense:.4f}: {rung.decision}"
         )
         if kept:
             ladder.kept = self._keep(trainer, pl_module, rung.rung)

@@ -281,7 +281,7 @@ class LMDCompressionBase(LadderSteps, _Hooks):
         if not trainer.sanity_checking:
             self._guarding.check_logged(trainer.callback_metrics)
             ladder, full = self._ladder, trainer.limit_val_batches
-            if ladder is not None and not ladder.started and isinstance(full, float) and full == 1.0:
+            if ladder is not None and not ladder.finished and isinstance(full, float) and full == 1.0:
                 value = surgery.mean_over_processes(trainer, float(trainer.callback_metrics[self.monitor]))
                 ladder.observe(trainer.current_epoch, value)  # the same on every process, synced or not
 
