@@ -127,8 +127,8 @@ class Ladder:
 
         The loop's value at epoch − 1 is of the model just measured: not counted twice. At most `count` in all.
         """
-        earlier = [seen_value for seen, seen_value in self.recent if since <= seen < epoch - 1][-(count - 1) :]
-        earlier = earlier if count > 1 else []
+        window = [seen_value for seen, seen_value in self.recent if since <= seen < epoch - 1]
+        earlier = window[max(0, len(window) - count + 1) :]
         return (sum(earlier) + value) / (len(earlier) + 1), len(earlier) + 1
 
     def start(self, epoch: int, max_epochs: int, dense: float, kept: Kept) -> None:
