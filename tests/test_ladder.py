@@ -17,15 +17,17 @@ MIN_PARAMS = 2000  # SizeGated's score is 1 while the model keeps at least this 
 
 
 class SizeGated(LitMLP):
-    """LitMLP whose validation also logs `size_score`: 1 at ≥ MIN_PARAMS parameters, else 0.
+    """LitMLP whose validation also logs `size_score`: 1 at ≥ `min_params` parameters, else 0.
 
     With monitor="size_score" the ladder's decisions are known in advance: a rung is kept exactly
-    when it leaves at least MIN_PARAMS parameters.
+    when it leaves at least `min_params` parameters.
     """
+
+    min_params = MIN_PARAMS
 
     def validation_step(self, batch, batch_idx):
         super().validation_step(batch, batch_idx)
-        self.log("size_score", float(sum(p.numel() for p in self.parameters()) >= MIN_PARAMS))
+        self.log("size_score", float(sum(p.numel() for p in self.parameters()) >= self.min_params))
 
 
 def ladder_callback(**kwargs) -> LMDCompression:
@@ -51,10 +53,13 @@ class AtEpochStart(pl.Callback):
         self.lrs[epoch] = opt.param_groups[0]["lr"]
 
 
-def run_ladder(epochs: int = 12, callbacks: tuple = (), **fit_kwargs) -> tuple[LMDCompression, AtEpochStart, SizeGated]:
+def run_ladder(
+    epochs: int = 12, callbacks: tuple = (), min_params: int = MIN_PARAMS, **fit_kwargs
+) -> tuple[LMDCompression, AtEpochStart, SizeGated]:
     pl.seed_everything(0, verbose=False)
     lmd, probe = ladder_callback(), AtEpochStart()
     model = SizeGated(max_epochs=epochs)
+    model.min_params = min_params
     train, val = loaders()
     trainer(epochs, [lmd, probe, *callbacks], **fit_kwargs).fit(model, train, val)
     return lmd, probe, model
@@ -120,36 +125,96 @@ def test_rungs_are_kept_within_the_drop_in_the_monitors_direction() -> None:
     assert ladder.passes(2.05) and not ladder.passes(2.2)
 
 
-def test_the_ladder_keeps_rungs_while_the_metric_holds_and_rolls_back_the_first_that_does_not() -> None:
+def test_the_positions_climb_by_steps_then_bisect_after_a_roll_back() -> None:
+    ladder = Ladder(max_drop=0.01)
+    ladder.start(10, 30, dense=0.9, kept=None)
+    assert (ladder.plan.rungs, ladder.plan.rung_epochs) == (5, 3)
+    positions = []
+    for epoch, value in zip(range(10, 28, 3), [0.9, 0.9, 0.5, 0.9, 0.5, 0.9]):
+        ladder.add(epoch, None, params=100, params_before=200)
+        positions.append((ladder.rungs[-1].at, ladder.rungs[-1].of))
+        ladder.decide(epoch + 3, value)
+        if not ladder.more(epoch + 3):
+            break
+    # kept 1/5, 2/5; 3/5 rolled back, so 5/10 between them: kept; then 11/20 between 5/10 and 6/10: rolled back
+    assert positions == [(1, 5), (2, 5), (3, 5), (5, 10), (11, 20)]
+    assert [r.decision for r in ladder.rungs] == ["kept", "kept", "rolled back", "kept", "rolled back"]
+    assert (ladder.kept_at, ladder.scale, ladder.bounded) == (10, 20, True)
+    assert ladder.next_position() == (21, 40) and len(ladder.rungs) == 5  # no slot left
+    # the policy of a position: GlobalBudget keeps the share's root of what is left, so 5/10 after 2/5 is half a step
+    assert ladder.policy(GlobalBudget(params=0.05)).params == pytest.approx(0.05 ** (1 / 40))
+    top = Ladder(max_drop=0.01)  # every rung kept: the last one is the policy itself
+    top.start(0, 8, dense=0.9, kept=None)
+    for epoch in range(top.plan.rungs):
+        top.add(epoch, None, params=100, params_before=200)
+        top.decide(epoch + 1, 0.9)
+    assert (top.kept_at, top.scale) == (top.plan.rungs, top.plan.rungs) and not top.more(top.plan.rungs)
+
+
+def test_a_checkpoint_from_before_bisection_resumes_on_full_steps() -> None:
+    ladder = Ladder(max_drop=0.01)
+    ladder.start(2, 12, dense=0.9, kept=None)
+    for epoch, value in [(2, 0.9), (4, 0.5)]:
+        ladder.add(epoch, None, params=100, params_before=200)
+        ladder.decide(epoch + 2, value)
+    old = ladder.state_dict()
+    for key in ("kept_at", "scale", "bounded"):
+        del old[key]
+    for rung in old["rungs"]:
+        del rung["at"], rung["of"]
+    resumed = Ladder(max_drop=0.01)
+    resumed.load_state_dict(old)
+    assert [(r.at, r.of) for r in resumed.rungs] == [(1, 4), (2, 4)]
+    assert (resumed.kept_at, resumed.scale, resumed.bounded) == (1, 4, True) and resumed.next_position() == (3, 8)
+
+
+def test_the_ladder_keeps_rungs_while_the_metric_holds_and_rolls_back_those_that_do_not() -> None:
     lmd, probe, model = run_ladder()
     rungs = lmd.ladder
-    assert [r.epoch for r in rungs] == [2, 4, 6][: len(rungs)] and len(rungs) == 3
-    assert [r.decision for r in rungs] == ["kept", "kept", "rolled back"]
-    assert all(r.params >= MIN_PARAMS for r in rungs[:2]) and rungs[2].params < MIN_PARAMS
-    assert rungs[0].params > rungs[1].params > rungs[2].params
-    assert [r.value for r in rungs] == [1.0, 1.0, 0.0] and lmd.dense_value == 1.0
-    assert [r.validated_epoch for r in rungs] == [4, 6, 8]
+    assert [r.epoch for r in rungs] == [2, 4, 6, 8]
+    assert [r.decision for r in rungs] == ["kept", "kept", "rolled back", "rolled back"]
+    assert all(r.params >= MIN_PARAMS for r in rungs[:2]) and all(r.params < MIN_PARAMS for r in rungs[2:])
+    # rung 4 bisects the step that failed: half of rung 3's step from rung 2, GlobalBudget(0.1) over 4 rungs
+    assert rungs[0].params > rungs[1].params > rungs[3].params > rungs[2].params
+    assert [r.setting for r in rungs] == pytest.approx([0.1**0.25] * 3 + [0.1**0.125])
+    assert [(r.at, r.of) for r in rungs] == [(1, 4), (2, 4), (3, 4), (5, 8)]
+    assert [r.value for r in rungs] == [1.0, 1.0, 0.0, 0.0] and lmd.dense_value == 1.0
+    assert [r.validated_epoch for r in rungs] == [4, 6, 8, 10]
     # the model ends on rung 2: its ranks, its parameter count
     rung2 = lmd.reports[1]
     assert lmd.ranks == {layer["name"]: layer["rank"] for layer in rung2["layers"] if layer["rank"] is not None}
     assert sum(p.numel() for p in model.parameters()) == rungs[1].params
     assert isinstance(model.net[0], FactoredLinear) and model.net[0].rank == lmd.ranks["net.0"]
-    assert [r["ladder"]["decision"] for r in lmd.reports] == ["kept", "kept", "rolled back"]
+    assert [r["ladder"]["decision"] for r in lmd.reports] == ["kept", "kept", "rolled back", "rolled back"]
     assert lmd.compression_ratio == pytest.approx(rungs[0].params_before / rungs[1].params)
+
+
+def test_a_bisected_rung_that_holds_is_kept_and_the_model_ends_on_it() -> None:
+    lmd, probe, model = run_ladder(min_params=1500)  # rung 3 (1,252 parameters) fails, its half step holds
+    rungs = lmd.ladder
+    assert [r.decision for r in rungs] == ["kept", "kept", "rolled back", "kept"]
+    assert rungs[2].params < 1500 <= rungs[3].params < rungs[1].params
+    assert lmd._ladder.kept.rung == 4 and (lmd._ladder.kept_at, lmd._ladder.scale) == (5, 8)
+    # rung 4 was cut from rung 2 as kept at epoch 6, not from the rejected rung 3
+    assert sum(p.numel() for p in model.parameters()) == rungs[3].params
+    standing = {layer["name"]: layer["rank"] for layer in lmd.reports[3]["layers"] if layer["rank"] is not None}
+    assert lmd.ranks == standing
+    assert lmd.reports[3]["layers"][0]["rank_before"] == lmd.reports[1]["layers"][0]["rank"]
 
 
 def test_a_roll_back_restores_the_kept_weights_and_momenta_and_the_schedule_runs_on() -> None:
     lmd, probe, _ = run_ladder()
     # rung 2 was kept at the start of epoch 6 (after its fine-tuning), rung 3 applied right after;
-    # at epoch 8 rung 3 is rolled back: the weights and momenta are those kept at epoch 6
+    # at epoch 8 rung 3 is rolled back and rung 4 cut from rung 2; at epoch 10 rung 4 is rolled back, and
+    # no slot is left: the weights and momenta are those kept at epoch 6
     kept = lmd._ladder.kept
     assert kept.rung == 2
-    assert probe.states[8].keys() == kept.state.keys()
+    assert probe.states[10].keys() == kept.state.keys()
     for key, value in kept.state.items():
-        torch.testing.assert_close(probe.states[8][key], value, rtol=0, atol=0)
-    assert probe.momenta[8].keys() == kept.optimizers[0].keys() and probe.momenta[8]
+        torch.testing.assert_close(probe.states[10][key], value, rtol=0, atol=0)
+    assert probe.momenta[10].keys() == kept.optimizers[0].keys() and probe.momenta[10]
     for name, state in kept.optimizers[0].items():
-        torch.testing.assert_close(probe.momenta[8][name], state["momentum_buffer"], rtol=0, atol=0)
+        torch.testing.assert_close(probe.momenta[10][name], state["momentum_buffer"], rtol=0, atol=0)
     # the kept copy is rung 2 as validated: the structure at epoch 6 had rung 3's smaller ranks
     assert probe.states[6]["net.0.U"].shape[1] < kept.state["net.0.U"].shape[1]
     # the cosine schedule (by epoch) follows the Trainer's epochs, roll-back or not
@@ -182,7 +247,8 @@ def test_a_run_killed_mid_ladder_resumes_with_the_kept_rung(tmp_path: Path) -> N
     train, val = loaders()
     fit = trainer(12, [resumed, ModelCheckpoint(dirpath=tmp_path / "again")], enable_checkpointing=True)
     fit.fit(model, train, val, ckpt_path=str(tmp_path / "last.ckpt"))
-    assert resumed._ladder.kept.rung == 2 and [r.decision for r in resumed.ladder] == ["kept", "kept", "rolled back"]
+    assert resumed._ladder.kept.rung == 2
+    assert [r.decision for r in resumed.ladder] == ["kept", "kept", "rolled back", "rolled back"]
     assert resumed.ladder == uninterrupted.ladder
     assert resumed.ranks == uninterrupted.ranks
     for key, value in whole.state_dict().items():
@@ -198,8 +264,8 @@ def test_every_rung_is_logged(tmp_path: Path) -> None:
     events = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"images": 0}).Reload()
     kept = [event.value for event in events.Scalars("lmd/ladder/kept")]
     params = [event.value for event in events.Scalars("lmd/ladder/params")]
-    assert kept == [1.0, 1.0, 0.0] and params[0] > params[1] > params[2]
-    assert [event.value for event in events.Scalars("lmd/ladder/size_score")] == [1.0, 1.0, 0.0]
+    assert kept == [1.0, 1.0, 0.0, 0.0] and params[0] > params[1] > params[3] > params[2]
+    assert [event.value for event in events.Scalars("lmd/ladder/size_score")] == [1.0, 1.0, 0.0, 0.0]
     assert "lmd/ladder" in events.Tags()["images"]
 
 

@@ -100,11 +100,14 @@ class LadderSteps:
             from lmd_lightning.callback import logs
 
             logs.log_ladder(trainer.loggers, trainer.global_step, ladder, self.monitor)
-        if kept and not last and ladder.more(epoch):
-            self._compress(trainer, pl_module)
+        if rung.decision in ("kept", "rolled back") and not last and ladder.more(epoch):
+            self._compress(trainer, pl_module)  # the next step, or half of one after a roll-back (ladder.py)
             ladder.finished = ladder.pending is None  # that rung failed: the kept one trains on
         else:
             ladder.finished = True
+        if ladder.finished and not last:
+            where = "the dense model" if ladder.best is None else f"rung {ladder.best.rung}"
+            self._info(f"LMDCompression ladder: done; {where} trains for the rest of the run")
 
     def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Back to the last kept rung: its structure, weights and optimizer moments; the LR schedule runs on.
@@ -128,5 +131,5 @@ class LadderSteps:
             return False
         self.convergence.reset()
         where = "the dense model" if kept.rung == 0 else f"rung {kept.rung}"
-        self._info(f"LMDCompression ladder: rolled back to {where}, which trains for the rest of the run")
+        self._info(f"LMDCompression ladder: rolled back to {where}")
         return True

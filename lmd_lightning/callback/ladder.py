@@ -9,7 +9,8 @@ module decides. The ladder, for a Trainer of E epochs whose trigger fires at epo
   E = 30 and t₀ = 10: five rungs of three epochs, then five epochs of final fine-tuning.
 - Rung j applies `policy.for_round(j, n)` to the model the last kept rung left: each keeps the
   n-th root of the policy's share, so rung n reaches the policy, the most aggressive setting
-  allowed (GlobalBudget(params=0.05), n = 5: 55%, 30%, 16%, 9%, 5% of the dense parameters).
+  allowed (GlobalBudget(params=0.05), n = 5: 55%, 30%, 16%, 9%, 5% of the dense parameters), and
+  the ladder stops there.
 - The dense metric is measured on the whole validation set at t₀; the reference a rung must hold
   is its mean with the validation loop's values at the end of the two epochs before (when the
   loop validated those epochs on every batch), so that one lucky or unlucky epoch of a dense model
@@ -21,8 +22,13 @@ module decides. The ladder, for a Trainer of E epochs whose trigger fires at epo
   validation samples), so one epoch's value decides little against a one-point bar. A rung
   within `max_drop` of the reference is kept:
   its weights and optimizer state are copied (to the CPU, and into checkpoints) and the next rung
-  starts. The first rung that is not is rolled back to the last kept one, which then trains for
-  the rest of the run.
+  starts. A rung that is not is rolled back to the last kept one.
+- After the first roll-back the limit lies between the kept setting and the rejected one, so the
+  rung slots left bisect it: each next rung takes half the step from the kept rung towards the
+  closest rejected one (in the policy's own scale: the share of what is left, geometrically), so
+  that a ladder of 2×, 4×, 8× that fails at 8× tries about 5.7× next. Rung j of the climb sits at
+  position j/n of the way from dense to the policy; a bisection doubles the denominator. The last
+  kept rung trains for the rest of the run.
 - The LR schedule follows the Trainer's epochs throughout: a roll-back restores weights and
   optimizer moments, not the schedule's position, so the final fine-tune anneals as planned.
 """
@@ -80,6 +86,8 @@ class Rung:
     decision: str = "pending"
     last: float | None = None  # the full validation at `validated_epoch` alone
     averaged: int = 1  # validations in `value`
+    at: int = 0  # its position between dense (0) and the policy (`of`): at/of of the way, see the module docstring
+    of: int = 0
 
     @property
     def smaller(self) -> float:
@@ -108,6 +116,9 @@ class Ladder:
     rungs: list[Rung] = field(default_factory=list)
     kept: Kept | None = None
     finished: bool = False
+    kept_at: int = 0  # the last kept rung's position: kept_at/scale of the way from dense to the policy
+    scale: int = 0
+    bounded: bool = False  # a rung was rolled back: the limit lies between kept_at and kept_at + 1 (of scale)
 
     @property
     def started(self) -> bool:
@@ -137,12 +148,18 @@ class Ladder:
         self.dense_at_trigger = dense
         self.dense = self._averaged(epoch, dense, since=0, count=REFERENCE_EPOCHS)[0]
 
+    def next_position(self) -> tuple[int, int]:
+        """(at, of) of the next rung: one step on while climbing, half a step once a rung was rolled back."""
+        scale = self.scale or self.plan.rungs
+        return (2 * self.kept_at + 1, 2 * scale) if self.bounded else (self.kept_at + 1, scale)
+
     def policy(self, policy: RankPolicy) -> RankPolicy:
-        """The policy of the next rung."""
-        return policy.for_round(len(self.rungs) + 1, self.plan.rungs)
+        """The policy of the next rung, applied to the model the last kept rung left."""
+        return policy.for_round(*self.next_position())
 
     def add(self, epoch: int, setting: float | None, params: int, params_before: int) -> Rung:
-        rung = Rung(len(self.rungs) + 1, epoch, setting, params, params_before)
+        at, of = self.next_position()
+        rung = Rung(len(self.rungs) + 1, epoch, setting, params, params_before, at=at, of=of)
         self.rungs.append(rung)
         return rung
 
@@ -168,11 +185,16 @@ class Ladder:
         rung.value, rung.averaged = self._averaged(epoch, value, since=rung.epoch + 1, count=count)
         rung.last, rung.validated_epoch = value, epoch
         rung.decision = "kept" if self.passes(rung.value) else "rolled back"
-        return rung.decision == "kept"
+        kept = rung.decision == "kept"
+        self.kept_at, self.scale = (rung.at if kept else rung.at - 1), rung.of
+        self.bounded = self.bounded or not kept
+        return kept
 
     def more(self, epoch: int) -> bool:
-        """Whether another rung starts at `epoch` (after a kept one)."""
-        return len(self.rungs) < self.plan.rungs and epoch < self.plan.final_from
+        """Whether another rung starts at `epoch` (after a decided one): a slot is left and the policy not reached."""
+        if len(self.rungs) >= self.plan.rungs or epoch >= self.plan.final_from:
+            return False
+        return not (self.scale and self.kept_at == self.scale)
 
     @property
     def best(self) -> Rung | None:
@@ -194,6 +216,9 @@ class Ladder:
             if self.kept is None
             else {field.name: getattr(self.kept, field.name) for field in dataclasses.fields(self.kept)},
             "finished": self.finished,
+            "kept_at": self.kept_at,
+            "scale": self.scale,
+            "bounded": self.bounded,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -203,3 +228,10 @@ class Ladder:
         self.recent = [(int(epoch), float(value)) for epoch, value in state["recent"]]
         self.rungs = [Rung(**rung) for rung in state["rungs"]]
         self.kept = None if state["kept"] is None else Kept(**state["kept"])
+        if "kept_at" in state:
+            self.kept_at, self.scale, self.bounded = state["kept_at"], state["scale"], state["bounded"]
+        elif self.plan is not None:  # saved before bisection: every rung was a full step, none after a roll-back
+            for rung in self.rungs:
+                rung.at, rung.of = rung.rung, self.plan.rungs
+            self.kept_at, self.scale = sum(rung.decision == "kept" for rung in self.rungs), self.plan.rungs
+            self.bounded = any(rung.decision != "kept" and rung.decision != "pending" for rung in self.rungs)

@@ -57,7 +57,8 @@ class LMDCompressionBase(LadderSteps, _Hooks):
         rounds: compress iteratively, `policy.for_round(k, rounds)` in round k; or "auto": a
             validated ladder (ladder.py) that compresses in rungs, fine-tunes and validates each on
             the whole validation set, keeps the last rung within `guard.max_drop` of the dense
-            `monitor` and rolls back the first that is not. `policy` is the most aggressive
+            `monitor`, rolls back those that are not and bisects between kept and rejected
+            with the rung slots left. `policy` is the most aggressive
             setting allowed; needs `monitor`, `Guard(max_drop=...)` and a policy with a knob.
         min_epochs: dense epochs before compression may happen.
         max_epochs: the epoch at which compression is forced; None: two thirds of the Trainer's.
