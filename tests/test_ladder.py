@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from lmd_lightning import FactoredLinear, FixedRank, GlobalBudget, Guard, LMDCompression
+from lmd_lightning import ErrorBound, FactoredLinear, FixedRank, GlobalBudget, Guard, LMDCompression, RankRatio
 from lmd_lightning.callback.ladder import Ladder, LadderPlan
 from tests.lightning_models import LitMLP, loaders, trainer
 
@@ -141,8 +141,11 @@ def test_the_positions_climb_by_steps_then_bisect_after_a_roll_back() -> None:
     assert [r.decision for r in ladder.rungs] == ["kept", "kept", "rolled back", "kept", "rolled back"]
     assert (ladder.kept_at, ladder.scale, ladder.bounded) == (10, 20, True)
     assert ladder.next_position() == (21, 40) and len(ladder.rungs) == 5  # no slot left
-    # the policy of a position: GlobalBudget keeps the share's root of what is left, so 5/10 after 2/5 is half a step
+    # the policy of a position: GlobalBudget keeps the share's root of what is left, so 21/40 after 10/20 is half
+    # a step; ErrorBound the same in energy 1 − eps²; RankRatio's ratio is absolute: 21/40 of the way to it
     assert ladder.policy(GlobalBudget(params=0.05)).params == pytest.approx(0.05 ** (1 / 40))
+    assert 1 - ladder.policy(ErrorBound(0.6)).eps ** 2 == pytest.approx((1 - 0.36) ** (1 / 40))
+    assert ladder.policy(RankRatio(0.2)).ratio == pytest.approx(1 - 0.8 * 21 / 40)
     top = Ladder(max_drop=0.01)  # every rung kept: the last one is the policy itself
     top.start(0, 8, dense=0.9, kept=None)
     for epoch in range(top.plan.rungs):
@@ -227,13 +230,15 @@ def test_a_roll_back_restores_the_kept_weights_and_momenta_and_the_schedule_runs
     assert [probe.lrs[e] for e in range(12)] == pytest.approx(expected)
 
 
-def test_a_run_killed_mid_ladder_resumes_with_the_kept_rung(tmp_path: Path) -> None:
-    """Killed at epoch 7 (rung 2 kept, rung 3 pending), resumed from the checkpoint of epoch 6: the same run."""
+@pytest.mark.parametrize(("killed", "position"), [(7, (2, 4, False)), (9, (2, 4, True))])
+def test_a_run_killed_mid_ladder_resumes_with_the_kept_rung(tmp_path: Path, killed: int, position: tuple) -> None:
+    """Killed at epoch 7 (rung 2 kept, rung 3 pending) or 9 (rung 3 rolled back, the bisecting rung 4 pending),
+    resumed from the checkpoint of the epoch before: the same run."""
     uninterrupted, _, whole = run_ladder()
 
     class Kill(pl.Callback):
         def on_train_epoch_start(self, trainer, pl_module) -> None:
-            if trainer.current_epoch == 7:
+            if trainer.current_epoch == killed:
                 raise RuntimeError("killed")
 
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
@@ -241,7 +246,8 @@ def test_a_run_killed_mid_ladder_resumes_with_the_kept_rung(tmp_path: Path) -> N
         run_ladder(callbacks=(checkpoints, Kill()), enable_checkpointing=True)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     ladder = next(state for key, state in saved["callbacks"].items() if key.startswith("LMDCompression"))["ladder"]
-    assert saved["epoch"] == 6 and ladder["kept"]["rung"] == 2 and ladder["rungs"][-1]["decision"] == "pending"
+    assert saved["epoch"] == killed - 1 and ladder["kept"]["rung"] == 2 and ladder["rungs"][-1]["decision"] == "pending"
+    assert (ladder["kept_at"], ladder["scale"], ladder["bounded"]) == position
     pl.seed_everything(0, verbose=False)
     resumed, model = ladder_callback(), SizeGated(max_epochs=12)
     train, val = loaders()
@@ -307,6 +313,7 @@ def test_a_failed_roll_back_leaves_the_rejected_rung_training_and_says_why(monke
     with pytest.warns(UserWarning, match=r"roll-back failed: RuntimeError: disk on fire; the rejected rung trains on"):
         lmd, probe, model = run_ladder()
     assert [r.decision for r in lmd.ladder] == ["kept", "kept", "roll-back failed"]
+    assert (lmd._ladder.kept_at, lmd._ladder.scale) == (3, 4) and lmd._ladder.finished  # where the model stands
     # the model is rung 3, whole and training: its ranks, its parameter count, its weights changing after the failure
     assert sum(p.numel() for p in model.parameters()) == lmd.ladder[2].params
     assert lmd.ranks == {

@@ -87,7 +87,7 @@ class LadderSteps:
         kept = ladder.decide(epoch, value)
         rung = ladder.rungs[-1]
         if not kept and not self._roll_back(trainer, pl_module):
-            rung.decision = "roll-back failed"
+            ladder.roll_back_failed()
         self.reports[-1]["ladder"] = dataclasses.asdict(rung)
         self._info(
             f"LMDCompression ladder: rung {rung.rung} ({rung.params:,} params, {rung.smaller:.2f}× smaller) "
@@ -106,7 +106,8 @@ class LadderSteps:
         else:
             ladder.finished = True
         if ladder.finished and not last:
-            where = "the dense model" if ladder.best is None else f"rung {ladder.best.rung}"
+            standing = rung if rung.decision == "roll-back failed" else ladder.best
+            where = "the dense model" if standing is None else f"rung {standing.rung}"
             self._info(f"LMDCompression ladder: done; {where} trains for the rest of the run")
 
     def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:

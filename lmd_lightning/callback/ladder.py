@@ -7,7 +7,8 @@ module decides. The ladder, for a Trainer of E epochs whose trigger fires at epo
   (less when ‖∇L‖ re-converges first, at least one epoch); the last max(1, R//4) epochs are kept
   for the final fine-tune, so n = max(1, (R − max(1, R//4)) // k) rungs fit before it. With
   E = 30 and t₀ = 10: five rungs of three epochs, then five epochs of final fine-tuning.
-- Rung j applies `policy.for_round(j, n)` to the model the last kept rung left: each keeps the
+- While every rung holds, rung j applies `policy.for_round(j, n)` to the model the last kept rung
+  left (in general the rung at position a/b applies `for_round(a, b)`): each keeps the
   n-th root of the policy's share, so rung n reaches the policy, the most aggressive setting
   allowed (GlobalBudget(params=0.05), n = 5: 55%, 30%, 16%, 9%, 5% of the dense parameters), and
   the ladder stops there.
@@ -26,9 +27,9 @@ module decides. The ladder, for a Trainer of E epochs whose trigger fires at epo
 - After the first roll-back the limit lies between the kept setting and the rejected one, so the
   rung slots left bisect it: each next rung takes half the step from the kept rung towards the
   closest rejected one (in the policy's own scale: the share of what is left, geometrically), so
-  that a ladder of 2×, 4×, 8× that fails at 8× tries about 5.7× next. Rung j of the climb sits at
-  position j/n of the way from dense to the policy; a bisection doubles the denominator. The last
-  kept rung trains for the rest of the run.
+  that a ladder of four rungs at about 2×, 4×, 8× that fails at 8× tries about 5.7× with its
+  last. Rung j of the climb sits at position j/n of the way from dense to the policy; a bisection
+  doubles the denominator. The last kept rung trains for the rest of the run.
 - The LR schedule follows the Trainer's epochs throughout: a roll-back restores weights and
   optimizer moments, not the schedule's position, so the final fine-tune anneals as planned.
 """
@@ -190,11 +191,16 @@ class Ladder:
         self.bounded = self.bounded or not kept
         return kept
 
+    def roll_back_failed(self) -> None:
+        """The pending rung's roll-back failed: the model stays on it, and so does the position."""
+        rung = self.rungs[-1]
+        rung.decision, self.kept_at, self.scale = "roll-back failed", rung.at, rung.of
+
     def more(self, epoch: int) -> bool:
         """Whether another rung starts at `epoch` (after a decided one): a slot is left and the policy not reached."""
         if len(self.rungs) >= self.plan.rungs or epoch >= self.plan.final_from:
             return False
-        return not (self.scale and self.kept_at == self.scale)
+        return not (self.scale and self.kept_at == self.scale)  # a guard: the slots run out with the climb
 
     @property
     def best(self) -> Rung | None:

@@ -153,7 +153,9 @@ def ladder_figure(ladder: Any, monitor: str) -> Figure:
     limit = ladder.dense - ladder.max_drop if ladder.mode == "max" else ladder.dense + ladder.max_drop
     ax.axhline(ladder.dense, color="gray", label="dense")
     ax.axhline(limit, color="gray", linestyle=":", label=f"allowed (±{ladder.max_drop:g})")
-    ax.plot([dense_params] + [r.params for r in decided], [ladder.dense] + [r.value for r in decided], "-", color="C0")
+    line = sorted([(dense_params, ladder.dense)] + [(r.params, r.value) for r in decided], reverse=True)
+    ax.plot([params for params, _ in line], [value for _, value in line], "-", color="C0")  # by size: bisection
+    # tries sizes between a kept and a rejected rung, out of order
     for decision, marker, color in (("kept", "o", "C2"), ("rolled back", "x", "C3")):
         points = [r for r in decided if r.decision == decision]
         if points:
