@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException, MissingConfigException
 from hydra.utils import get_class, instantiate
@@ -17,7 +18,7 @@ import lmd_lightning
 from lmd_lightning import (
     ConvergenceMonitor,
     DataMetric,
-    GlobalBudget,
+    EnergyRank,
     Guard,
     LMDCompression,
     LossMetric,
@@ -31,11 +32,20 @@ from lmd_lightning.cli.commands import config_dir, recipe_dir, register_recipes
 GROUPS = ("model", "data", "compression", "trigger", "trainer", "logger", "callback", "checkpoint", "paths")
 
 
-def compose_config(name: str = "train", overrides: tuple[str, ...] = (), output_dir: Path | None = None) -> DictConfig:
+# The recipe of lmd-train's tests unless they name one: the default, mnist1d_auto, climbs a ladder on
+# 20,000 samples; the one-shot mnist1d_mlp exercises the rest of the machinery on 4,000.
+ONE_SHOT_RECIPE = "recipe=mnist1d_mlp"
+
+
+def compose_config(
+    name: str = "train", overrides: tuple[str, ...] = (), output_dir: Path | None = None, default: bool = False
+) -> DictConfig:
+    """The composed config; for `train`, with ONE_SHOT_RECIPE unless `overrides` name a recipe or `default`."""
     register_recipes()
     extra = [f"paths.output_dir={output_dir}"] if output_dir else ["paths.output_dir=unused"]
+    named = default or name != "train" or any(override.startswith("recipe=") for override in overrides)
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return compose(name, overrides=[*overrides, *extra])
+        return compose(name, overrides=[*([] if named else [ONE_SHOT_RECIPE]), *overrides, *extra])
 
 
 def options(group: str) -> list[str]:
@@ -51,6 +61,7 @@ def test_config_tree_ships_with_the_package() -> None:
         "budget",
         "budget_quarter",
         "energy",
+        "energy_floor",
         "energy_half",
         "error_bound",
         "fixed",
@@ -65,23 +76,29 @@ def test_config_tree_ships_with_the_package() -> None:
     assert recipes <= {path.stem for path in recipe_dir().glob("*.yaml")}
 
 
-def test_the_auto_recipe_is_the_ladder_in_the_loss_metric() -> None:
-    """mnist1d_auto: rounds="auto" in the loss's metric, down to at most 5% of the parameters."""
-    cfg = compose_config(overrides=("recipe=mnist1d_auto",))
-    assert cfg.compression._target_ == "lmd_lightning.GlobalBudget" and cfg.compression.params == 0.05
+def test_the_default_recipe_is_the_auto_ladder() -> None:
+    """lmd-train's default, mnist1d_auto: rounds="auto" down to EnergyRank(0.4) at most, AdamW + cosine, 60 epochs."""
+    cfg = compose_config(default=True)
+    assert cfg.compression._target_ == "lmd_lightning.EnergyRank" and cfg.compression.energy == 0.4  # energy_floor
     assert cfg.data.num_samples == 20000 and cfg.data.val_fraction == 0.2
-    callback = instantiate(cfg.callback)
-    assert callback.rounds == "auto" and callback.guard.max_drop == 0.01 and callback.monitor == "val_acc"
-    assert callback.data_metric == LossMetric() and callback.policy == GlobalBudget(params=0.05)
-
-
-def test_default_composition() -> None:
-    cfg = compose_config()
     assert cfg.model._target_.endswith("MLPClassifier") and cfg.data._target_.endswith("MNIST1DDataModule")
-    assert cfg.compression._target_ == "lmd_lightning.EnergyRank" and cfg.compression.energy == 0.5  # energy_half
     assert cfg.trigger._target_ == "lmd_lightning.ConvergenceMonitor" and cfg.trainer.accelerator == "cpu"
     assert cfg.trigger.criterion == "epoch" and cfg.trigger.rel_tol is None  # None: the criterion's 0.12
-    assert cfg.model.optimizer._partial_ is True
+    assert cfg.trainer.max_epochs == 60 and cfg.model.optimizer._target_ == "torch.optim.AdamW"
+    model = instantiate(cfg.model, _convert_="all")
+    schedule = model.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert isinstance(schedule, torch.optim.lr_scheduler.CosineAnnealingLR) and schedule.T_max == 60
+    callback = instantiate(cfg.callback)
+    assert callback.rounds == "auto" and callback.guard.max_drop == 0.01 and callback.monitor == "val_acc"
+    assert callback.data_metric is None and callback.policy == EnergyRank(0.4)  # the weight metric
+    assert cfg == compose_config(overrides=("recipe=mnist1d_auto",))
+
+
+def test_the_one_shot_recipe_of_the_tests() -> None:
+    cfg = compose_config()
+    assert cfg.compression._target_ == "lmd_lightning.EnergyRank" and cfg.compression.energy == 0.5  # energy_half
+    assert cfg.model.optimizer._partial_ is True and cfg.trainer.max_epochs == 40
+    assert instantiate(cfg.callback).rounds == 1
 
 
 @pytest.mark.parametrize("option", options("model"))
