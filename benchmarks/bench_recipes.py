@@ -134,11 +134,11 @@ MLP1024_STUDIES = {  # --set mlp1024: the default recipe on the issue's MLP-1024
     ),
 }
 MLP1024_INTRO = (
-    "Accuracies in %, mean ± std over seeds 0, 1, 2, on `mnist1d_large`. The mnist1d_auto recipe (AdamW 1e-3, weight decay 0, "
-    "cosine over 60 epochs, the ‖∇L‖ trigger forced at 26, rounds=auto down to EnergyRank(0.4) in the weight "
-    "metric, max_drop 0.01) with `model.widths=[1024,1024,1024]`: 2.2M parameters. `one_shot` cuts once at "
-    "the trigger with EnergyRank(0.7), the best one-shot setting on the 512-wide MLP (recipes_curves.md). "
-    "Fit time is `trainer.fit`'s wall time on this machine.\n\n"
+    "Accuracies in %, mean ± std over seeds 0, 1, 2, on `mnist1d_large`. The mnist1d_auto recipe "
+    "(AdamW 1e-3, weight decay 0, cosine over 60 epochs, the ‖∇L‖ trigger forced at 26, rounds=auto down "
+    "to EnergyRank(0.4) in the weight metric, max_drop 0.01) with `model.widths=[1024,1024,1024]`: 2.2M "
+    "parameters. `one_shot` cuts once at the trigger with EnergyRank(0.7), the best one-shot setting on "
+    "the 512-wide MLP (recipes_curves.md). Fit time is `trainer.fit`'s wall time on this machine.\n\n"
 )
 MLP1024_READING = """
 
