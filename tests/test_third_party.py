@@ -367,6 +367,41 @@ def test_the_ladder_climbs_on_hf_gpt2() -> None:
     assert lmd.ranks["model.transformer.h.0.mlp.c_fc"] == gpt2.h[0].mlp.c_fc.rank
 
 
+def test_the_ladder_bisects_on_hf_gpt2() -> None:
+    """A size-gated GPT-2 ladder: RankRatio 0.75 kept, 0.5 rolled back, then the half step 0.625 kept, cut from
+    the kept rung's factored HF Conv1D layers (roll-back and re-compression through a third-party model)."""
+    import copy
+
+    from lmd_lightning import Guard
+
+    sizes = {}
+    for ratio in (0.5, 0.625):
+        probe = copy.deepcopy(GPT2CharLM())
+        compress_(probe, RankRatio(ratio))
+        sizes[ratio] = sum(p.numel() for p in probe.parameters())
+    threshold = (sizes[0.5] + sizes[0.625]) // 2
+
+    class SizeGatedGPT2(GPT2CharLM):
+        def validation_step(self, batch, batch_idx):
+            super().validation_step(batch, batch_idx)
+            self.log("size_score", float(sum(p.numel() for p in self.parameters()) >= threshold))
+
+    pl.seed_everything(0, verbose=False)
+    train, val = periodic_text()
+    module = SizeGatedGPT2()
+    options = dict(trigger="epoch", min_epochs=2, monitor="size_score", guard=Guard(max_drop=0.5), rounds="auto")
+    lmd = LMDCompression(RankRatio(0.25), **options)
+    trainer(6, [lmd]).fit(module, train, val)
+    rungs = lmd.ladder
+    assert [r.decision for r in rungs] == ["kept", "rolled back", "kept"]
+    assert [(r.at, r.of) for r in rungs] == [(1, 3), (2, 3), (3, 6)]
+    assert [r.setting for r in rungs] == pytest.approx([0.75, 0.5, 0.625])
+    assert rungs[2].params == sizes[0.625] == sum(p.numel() for p in module.parameters())
+    gpt2 = module.model.transformer
+    assert type(gpt2.h[0].attn.c_attn).__name__ == "FactoredHFConv1D" and module.model.lm_head.weight is gpt2.wte.weight
+    assert gpt2.h[0].mlp.c_fc.rank == lmd.ranks["model.transformer.h.0.mlp.c_fc"] == round(0.625 * 32)
+
+
 @pytest.mark.parametrize("model", ["gpt2", "nn.Transformer"])
 def test_a_roll_back_to_dense_restores_third_party_layers(model: str) -> None:
     """restore_structure_ (the ladder's roll-back) turns factored HF Conv1D and split attention back into originals."""
