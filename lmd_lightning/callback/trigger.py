@@ -182,10 +182,9 @@ class TriggerWatch:
         monitor, was = self.convergence, self.convergence.converged
         # ‖g‖ is measured after the gradients are all-reduced, so every process sees the same norms
         if monitor.end_epoch() and not was:
-            info(
-                f"LMDCompression: converged after epoch {trainer.current_epoch - 1} ({monitor.reason}). "
-                "Compressing now."
-            )
+            # no "compressing now": after the first cut a re-convergence ends a ladder rung or a round's
+            # fine-tuning, and the callback says itself when it compresses
+            info(f"LMDCompression: converged after epoch {trainer.current_epoch - 1} ({monitor.reason}).")
         if monitor.last_epoch_mean is not None and not was:
             pl_module.log("lmd/grad_norm_epoch_mean", monitor.last_epoch_mean)
 
