@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from benchmarks.common import RESULTS, write_result
+from benchmarks.recipe_curves import curve_figure, knob, pct
 from lmd_lightning.cli.tradeoff import collect, over_seeds
 
 SEEDS = "seed=0,1,2"
@@ -121,17 +119,12 @@ phase from epoch 20–25 on is cheaper than the dense epochs it replaces. (Seed 
 alone, `lmd-train -m recipe=mnist1d_auto seed=2 … hydra.sweep.subdir=2`, because its first fit time,
 113 s, shared the 2 cores with another job; its decisions and accuracies were the same.)
 """
+ONE_SHOT = ("recipe=mnist1d_auto", "callback.rounds=1", "callback.guard.max_drop=null")
 WIDE = ("recipe=mnist1d_auto", "model.widths=[1024,1024,1024]")
 MLP1024_STUDIES = {  # --set mlp1024: the default recipe on the issue's MLP-1024 (40-1024-1024-1024-10)
     "auto": WIDE,
     "dense": (*WIDE, "compression=none"),
-    "one_shot": (
-        *WIDE,
-        "compression=energy",
-        "compression.energy=0.7",
-        "callback.rounds=1",
-        "callback.guard.max_drop=null",
-    ),
+    "one_shot": (*ONE_SHOT, "model.widths=[1024,1024,1024]", "compression=energy", "compression.energy=0.7"),
 }
 MLP1024_INTRO = (
     "Accuracies in %, mean ± std over seeds 0, 1, 2, on `mnist1d_large`. The mnist1d_auto recipe "
@@ -151,7 +144,6 @@ and its bisection (15.6×) to 77%: this MLP has a cliff between 11× and 16×. O
 reached 7.86× at 87.6 ± 0.6, above dense and above the ladder. Cost: the ladder's fit took 93 ± 10 s
 against dense's 155 ± 11 s (0.60×), one-shot's 96 ± 15 s.
 """
-ONE_SHOT = ("recipe=mnist1d_auto", "callback.rounds=1", "callback.guard.max_drop=null")
 CURVE_READING = """
 
 Reading (of the committed run, 2026-12-03, AMD EPYC 2-core VM). In this setting the weight metric's
@@ -179,13 +171,6 @@ def run(out: Path, studies: dict[str, tuple[str, ...]]) -> None:
         subprocess.run(command, check=True)
 
 
-def _pct(row: dict, key: str) -> str:
-    if row.get(key) is None:
-        return "—"
-    spread = f" ± {100 * row[key + '_std']:.1f}" if f"{key}_std" in row else ""
-    return f"{100 * row[key]:.1f}{spread}"
-
-
 def table(out: Path, studies: dict[str, tuple[str, ...]] = STUDIES) -> str:
     lines = [
         "| study | run | seeds | params | ratio | val acc at the swap (dense) | right after truncation "
@@ -197,8 +182,8 @@ def table(out: Path, studies: dict[str, tuple[str, ...]] = STUDIES) -> str:
         for row in over_seeds(rows):
             lines.append(
                 f"| {folder} | {row['run']} | {row['seeds']} | {row['params']:,} | {row['compression_ratio']:.2f}× "
-                f"| {_pct(row, 'monitor_before')} | {_pct(row, 'monitor_after_truncation')} "
-                f"| {_pct(row, 'val_acc')} | {_pct(row, 'test_acc')} | {row['compressed_epochs'] or '—'} |"
+                f"| {pct(row, 'monitor_before')} | {pct(row, 'monitor_after_truncation')} "
+                f"| {pct(row, 'val_acc')} | {pct(row, 'test_acc')} | {row['compressed_epochs'] or '—'} |"
             )
     return "\n".join(lines)
 
@@ -217,7 +202,7 @@ def auto_table(out: Path, studies: dict[str, tuple[str, ...]] | None = None) -> 
             spread = f" ± {row['fit_seconds_std']:.0f}" if "fit_seconds_std" in row else ""
             lines.append(
                 f"| {folder} | {row['seeds']} | {row['params']:,} | {row['compression_ratio']:.2f}× "
-                f"| {_pct(row, 'monitor_before')} | {_pct(row, 'val_acc')} | {_pct(row, 'test_acc')} "
+                f"| {pct(row, 'monitor_before')} | {pct(row, 'val_acc')} | {pct(row, 'test_acc')} "
                 f"| {row['fit_seconds']:.0f}{spread} | {kept if folder.startswith('auto') else '—'} "
                 f"| {row['compressed_epochs'] or '—'} |"
             )
@@ -232,75 +217,10 @@ def curve_table(out: Path) -> str:
     for folder in CURVE_STUDIES:
         rows, _ = collect(out / folder)
         for row in over_seeds(rows):
-            knob = " ".join(o for o in row["run"].split() if o.startswith(("compression.params", "compression.energy")))
             lines.append(
-                f"| {folder} | {knob} | {row['seeds']} | {row['params']:,} | {row['compression_ratio']:.2f}× "
-                f"| {_pct(row, 'val_acc')} | {_pct(row, 'test_acc')} |"
+                f"| {folder} | {knob(row)} | {row['seeds']} | {row['params']:,} | {row['compression_ratio']:.2f}× "
+                f"| {pct(row, 'val_acc')} | {pct(row, 'test_acc')} |"
             )
-    return "\n".join(lines)
-
-
-def _label(row: dict) -> str:
-    return " ".join(o for o in row["run"].split() if not o.startswith("seed=")) or "(the shared overrides)"
-
-
-def _latencies_ms(checkpoints: list[str]) -> dict[str, float]:
-    """Each checkpoint's model: the median ms per forward of a batch of 256, all timed in turn (bench_quality's)."""
-    from omegaconf import OmegaConf
-
-    from benchmarks.bench_quality import latencies
-    from lmd_lightning.cli.experiment import load_model
-
-    nets = {path: load_model(OmegaConf.create({"ckpt_path": path}))[0] for path in checkpoints}
-    return latencies(nets, "mlp")
-
-
-def curve_figure(curves: Path, auto: Path, path: Path) -> str:
-    """Validation accuracy against parameters and against CPU latency: the one-shot curves, the ladders, dense.
-
-    Each point is the mean ± std over seeds; latency is the mean over seeds of each model's median, measured
-    here on the runs' checkpoints, every model timed in turn so that a busy moment hits all alike.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    from benchmarks.bench_quality import LATENCY_BATCH
-    from lmd_lightning.truncate.report import count_label
-
-    series = {folder: collect(curves / folder)[0] for folder in CURVE_STUDIES}
-    series.update({folder: collect(auto / folder)[0] for folder in AUTO_STUDIES})
-    timed = _latencies_ms([row["checkpoint"] for rows in series.values() for row in rows])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    styles = {"energy_weight": "o-", "budget_loss": "s-", "auto": "*", "auto_loss": "P", "dense": "D"}
-    lines = ["| study | run | params | val acc | latency, ms |", "|---|---|---:|---:|---:|"]
-    for index, (name, rows) in enumerate(series.items()):
-        merged = over_seeds(rows)
-        ms = [statistics.mean(timed[r["checkpoint"]] for r in rows if _label(r) == row["run"]) for row in merged]
-        y = [100 * row["val_acc"] for row in merged]
-        err = [100 * row.get("val_acc_std", 0.0) for row in merged]
-        for ax, x in zip(axes, ([row["params"] for row in merged], ms)):
-            label = name if ax is axes[0] else None
-            ax.errorbar(x, y, yerr=err, fmt=styles[name], color=f"C{index}", capsize=3, markersize=9, label=label)
-        for row, latency in zip(merged, ms):
-            knob = " ".join(o for o in row["run"].split() if o.startswith(("compression.params", "compression.energy")))
-            lines.append(f"| {name} | {knob or '—'} | {row['params']:,} | {_pct(row, 'val_acc')} | {latency:.3f} |")
-    axes[0].set_xscale("log")
-    axes[0].xaxis.set_major_formatter(FuncFormatter(count_label))
-    axes[0].xaxis.set_minor_formatter(FuncFormatter(count_label))
-    axes[0].set_xlabel("parameters")
-    axes[1].set_xlabel(f"CPU latency, batch {LATENCY_BATCH} (ms, {torch.get_num_threads()} threads)")
-    axes[0].set_ylabel("validation accuracy (%), mean ± std over 3 seeds")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.suptitle("mnist1d_auto: one-shot curves, the ladders and dense (up and left is better)")
-    fig.legend(loc="lower center", ncol=5, fontsize=8)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
     return "\n".join(lines)
 
 
@@ -339,7 +259,9 @@ def _curves_body(out: Path, auto: Path) -> str:
     if not auto.is_dir():
         return body + f"\n(No figure: the `--set auto` runs were not found in {auto}; pass --auto-out.)\n"
     figure = RESULTS / "figures" / "mnist1d_auto_curves.png"
-    latency = curve_figure(out, auto, figure)
+    series = {folder: collect(out / folder)[0] for folder in CURVE_STUDIES}
+    series.update({folder: collect(auto / folder)[0] for folder in AUTO_STUDIES})
+    latency = curve_figure(series, figure, "mnist1d_auto: one-shot curves, the ladders and dense")
     return (
         f"{body}\n![validation accuracy against parameters and CPU latency](figures/{figure.name})\n\n"
         "CPU latency of each setting's models (the mean over seeds of the median ms per forward of a batch "

@@ -146,13 +146,13 @@ class Ladder:
     def start(self, epoch: int, max_epochs: int, dense: float, kept: Kept) -> None:
         """At t₀: the plan, the reference (see the module docstring) and the dense copy to roll back to."""
         self.plan, self.kept = LadderPlan.derive(epoch, max_epochs), kept
+        self.scale = self.plan.rungs  # the climb's positions are j/n
         self.dense_at_trigger = dense
         self.dense = self._averaged(epoch, dense, since=0, count=REFERENCE_EPOCHS)[0]
 
     def next_position(self) -> tuple[int, int]:
         """(at, of) of the next rung: one step on while climbing, half a step once a rung was rolled back."""
-        scale = self.scale or self.plan.rungs
-        return (2 * self.kept_at + 1, 2 * scale) if self.bounded else (self.kept_at + 1, scale)
+        return (2 * self.kept_at + 1, 2 * self.scale) if self.bounded else (self.kept_at + 1, self.scale)
 
     def policy(self, policy: RankPolicy) -> RankPolicy:
         """The policy of the next rung, applied to the model the last kept rung left."""
@@ -197,10 +197,11 @@ class Ladder:
         rung.decision, self.kept_at, self.scale = "roll-back failed", rung.at, rung.of
 
     def more(self, epoch: int) -> bool:
-        """Whether another rung starts at `epoch` (after a decided one): a slot is left and the policy not reached."""
-        if len(self.rungs) >= self.plan.rungs or epoch >= self.plan.final_from:
-            return False
-        return not (self.scale and self.kept_at == self.scale)  # a guard: the slots run out with the climb
+        """Whether another rung starts at `epoch` (after a decided one): a rung slot is left.
+
+        The climb reaches the policy itself (position n/n) only with its n-th rung, the last slot.
+        """
+        return len(self.rungs) < self.plan.rungs and epoch < self.plan.final_from
 
     @property
     def best(self) -> Rung | None:

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from lmd_lightning.truncate.report import count_label
 
-__all__ = ["RESULTS_FILE", "collect", "main", "markdown", "over_seeds", "pareto_front", "plot"]
+__all__ = ["RESULTS_FILE", "collect", "main", "markdown", "over_seeds", "pareto_front", "plot", "seed_group"]
 
 RESULTS_FILE = "results.json"  # one per lmd-train run dir
 
@@ -58,6 +58,11 @@ def pareto_front(rows: list[dict[str, Any]], monitor: str, mode: str = "max") ->
     return [monitor in row and not any(monitor in o and dominates(o, row) for o in rows) for row in rows]
 
 
+def seed_group(row: dict[str, Any]) -> str:
+    """What sets a run apart from the others but its seed: the `run` of its row in `over_seeds`."""
+    return " ".join(o for o in row["run"].split() if not o.startswith("seed=")) or "(the shared overrides)"
+
+
 def over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows that differ only in their `seed=` override merged: numbers averaged, `<key>_std` and `seeds` added.
 
@@ -65,8 +70,7 @@ def over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        label = " ".join(o for o in row["run"].split() if not o.startswith("seed=")) or "(the shared overrides)"
-        groups.setdefault(label, []).append(row)
+        groups.setdefault(seed_group(row), []).append(row)
     merged = []
     for label, group in groups.items():
         row = {**group[0], "run": label, "seeds": len(group)}
