@@ -68,6 +68,8 @@ def test_config_tree_ships_with_the_package() -> None:
         "ladder",
         "none",
         "stable_rank",
+        "uniform",
+        "uniform_floor",
     ]
     assert options("trigger") == ["epoch", "grad_norm", "stable_rank"]
     assert options("trainer") == ["cpu", "ddp", "gpu"]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lmd_lightning import EffectiveRank, EnergyRank, ErrorBound, FixedRank, GlobalBudget, RankRatio
+from lmd_lightning import EffectiveRank, EnergyRank, ErrorBound, FixedRank, GlobalBudget, RankRatio, UniformRank
 from lmd_lightning.truncate.policies import LayerSpectrum
 
 
@@ -114,6 +114,8 @@ def test_global_budget_respects_break_even() -> None:
         (lambda: GlobalBudget(params=0.2, flops=0.2), r"give exactly one of `params` or `flops`"),
         (lambda: GlobalBudget(params=2), r"`params` must be a float in \(0, 1\), got 2"),
         (lambda: GlobalBudget(flops=0), r"`flops` must be a float in \(0, 1\), got 0"),
+        (lambda: UniformRank(), r"give exactly one of `params` or `flops`"),
+        (lambda: UniformRank(params=1.0), r"`params` must be a float in \(0, 1\), got 1.0"),
         (lambda: EffectiveRank(min_rank=0), r"`min_rank` must be an int >= 1, got 0"),
         (lambda: EnergyRank(0.9, min_rank=8, max_rank=4), r"`max_rank` \(4\) must be >= `min_rank` \(8\)"),
     ],
@@ -151,3 +153,43 @@ def test_global_budget_costs_a_dense_layers_first_cut_to_break_even_as_one_step(
             for spectrum, rank in zip(spectra, ranks):
                 m, n = spectrum.shape
                 assert rank == min(m, n) or rank * (m + n) < m * n, (trial, fraction, spectrum.name, rank)
+
+
+def test_uniform_rank_keeps_one_rank_the_largest_that_fits() -> None:
+    # The MLP-1024's hidden layers (bias-free here): 40×1024 and two 1024×1024, 2,138,112 in all.
+    spectra = [layer(torch.ones(40), (1024, 40), "fc1"), layer(torch.ones(1024), (1024, 1024), "fc2")]
+    spectra.append(layer(torch.ones(1024), (1024, 1024), "fc3"))
+    # 1/12 of 2,138,112 = 178,176; rank r costs 1064·r + 2·2048·r = 5160·r while fc1 saves (r < 39).
+    assert UniformRank(params=1 / 12).choose(spectra) == [34, 34, 34]  # 5160·34 = 175,440; 35 → 180,600
+    # The spectrum plays no part: a steep one gets the same ranks.
+    steep = [layer(torch.logspace(0, -6, sp.max_rank), sp.shape, sp.name) for sp in spectra]
+    assert UniformRank(params=1 / 12).choose(steep) == [34, 34, 34]
+    assert UniformRank.needs_spectrum is False
+
+
+def test_uniform_rank_counts_a_layer_that_would_not_save_at_its_cost_now() -> None:
+    # fc1 (1024×40) saves only below rank 39: at rank 39 and above it costs its dense 40,960.
+    spectra = [layer(torch.ones(40), (1024, 40), "fc1"), layer(torch.ones(1024), (1024, 1024), "fc2")]
+    # 0.2 · (40,960 + 1,048,576) = 217,907: 40,960 + 2048·r ≤ 217,907 → r = 86, capped at 40 in fc1.
+    assert UniformRank(params=0.2).choose(spectra) == [40, 86]
+    assert UniformRank(params=0.2, max_rank=50).choose(spectra) == [40, 50]
+
+
+def test_uniform_rank_budgets_params_with_biases_and_flops_without() -> None:
+    sp = LayerSpectrum("fc", (64, 64), None, 64, 128, 64 * 64, bias=64)
+    assert UniformRank(params=0.25).choose([sp]) == [7]  # 64 + 128·r ≤ 1,040
+    assert UniformRank(flops=0.25).choose([sp]) == [8]  # 128·r ≤ 1,024
+
+
+def test_uniform_rank_on_a_factored_model_keeps_a_share_of_what_is_left() -> None:
+    # Already factored at rank 40 (cost 40·128 = 5,120): half of that is rank 20.
+    factored = LayerSpectrum("fc", (64, 64), None, 40, 128, 40 * 128)
+    assert UniformRank(params=0.5).choose([factored]) == [20]
+    assert UniformRank(params=0.25).for_round(1, 2) == UniformRank(params=0.5)
+
+
+def test_uniform_rank_that_cannot_be_met_warns_and_keeps_min_rank() -> None:
+    sp = layer(torch.ones(64), (64, 64))
+    with pytest.warns(UserWarning, match="cannot be met"):
+        assert UniformRank(params=0.01, min_rank=16).choose([sp]) == [16]
+    assert UniformRank(params=0.5).choose([]) == []

@@ -16,6 +16,7 @@ from lmd_lightning.truncate.policies import (
     RankPolicy,
     RankRatio,
     StableRank,
+    UniformRank,
 )
 from lmd_lightning.truncate.report import CompressionReport, LayerReport
 from lmd_lightning.truncate.restore import restore_factored_
@@ -34,6 +35,7 @@ __all__ = [
     "RankPolicy",
     "RankRatio",
     "StableRank",
+    "UniformRank",
     "add_metric_maps_",
     "compress_",
     "fold_",

@@ -32,6 +32,7 @@ __all__ = [
     "RankPolicy",
     "RankRatio",
     "StableRank",
+    "UniformRank",
 ]
 
 
@@ -278,13 +279,8 @@ class StableRank(PerLayerPolicy):
 
 
 @dataclass(frozen=True)
-class GlobalBudget(RankPolicy):
-    """Keep at most a fraction of the targeted layers' parameters (or multiply-adds) in total.
-
-    Give exactly one of `params` or `flops`, in (0, 1): `params=0.2` means 5× smaller.
-    Singular values are dropped across all layers in order of least added relative error
-    σᵢ²/‖W‖_F² per unit of cost saved, as long as the total stays above the budget.
-    """
+class _Budget(RankPolicy):
+    """A share of the targeted layers' parameters (`params`) or multiply-adds (`flops`): exactly one, in (0, 1)."""
 
     params: float | None = None  # fraction of parameters to keep
     flops: float | None = None  # fraction of multiply-adds to keep
@@ -307,11 +303,61 @@ class GlobalBudget(RankPolicy):
     def fraction(self) -> float:
         return self.params if self.params is not None else self.flops
 
+    def _budget(self, layers: Sequence[LayerSpectrum]) -> tuple[float, bool]:
+        """(the budget in parameters or multiply-adds, whether biases count): of what the layers cost now."""
+        with_bias = self.knob == "params"
+        return self.fraction * sum(layer.cost_at(layer.max_rank, with_bias) for layer in layers), with_bias
+
+    def _cannot_meet(self) -> None:
+        warnings.warn(
+            f"{self!r} cannot be met: min_rank or the break-even guard keeps the total above it", stacklevel=3
+        )
+
+
+@dataclass(frozen=True)
+class UniformRank(_Budget):
+    """One rank r for every layer (capped at each layer's own), the largest whose total fits the budget.
+
+    Give exactly one of `params` or `flops`, in (0, 1), as for `GlobalBudget`: `params=0.1` means
+    10× smaller over the targeted layers. A layer whose rank r would not save (r·(m+n) ≥ m·n) stays
+    as it is, and costs what it costs now. The spectrum plays no part: uniform rank is the baseline
+    every allocation has to beat, and on wide MLPs it is hard to beat
+    (benchmarks/results/recipes_mlp1024.md).
+    """
+
+    needs_spectrum: ClassVar[bool] = False
+
     def choose(self, layers: Sequence[LayerSpectrum]) -> list[int]:
         if not layers:
             return []
-        with_bias = self.knob == "params"
-        budget = self.fraction * sum(layer.cost_at(layer.max_rank, with_bias) for layer in layers)
+        budget, with_bias = self._budget(layers)
+
+        def total(rank: int) -> int:
+            return sum(layer.cost_at(self.clamp(rank, layer), with_bias) for layer in layers)
+
+        lo, hi = 1, max(layer.max_rank for layer in layers)  # the largest rank whose total fits: in [lo, hi]
+        if total(lo) > budget:
+            self._cannot_meet()
+            return [self.clamp(lo, layer) for layer in layers]
+        while lo < hi:  # total() never falls as the rank grows
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if total(mid) <= budget else (lo, mid - 1)
+        return [self.clamp(lo, layer) for layer in layers]
+
+
+@dataclass(frozen=True)
+class GlobalBudget(_Budget):
+    """Keep at most a fraction of the targeted layers' parameters (or multiply-adds) in total.
+
+    Give exactly one of `params` or `flops`, in (0, 1): `params=0.2` means 5× smaller.
+    Singular values are dropped across all layers in order of least added relative error
+    σᵢ²/‖W‖_F² per unit of cost saved, as long as the total stays above the budget.
+    """
+
+    def choose(self, layers: Sequence[LayerSpectrum]) -> list[int]:
+        if not layers:
+            return []
+        budget, with_bias = self._budget(layers)
         owners = self._drop_order(layers)
         lo, hi = 0, owners.numel()  # number of singular values dropped; hi drops all to min_rank
         while lo < hi:  # the fewest drops whose total fits the budget
@@ -321,9 +367,7 @@ class GlobalBudget(RankPolicy):
             else:
                 lo = mid + 1
         if self._total(layers, owners, lo, with_bias) > budget:
-            warnings.warn(
-                f"{self!r} cannot be met: min_rank or the break-even guard keeps the total above it", stacklevel=2
-            )
+            self._cannot_meet()
         return self._ranks(layers, owners, lo)
 
     @staticmethod
