@@ -15,6 +15,7 @@ from lmd_lightning.cli.tradeoff import over_seeds, seed_group
 __all__ = ["curve_figure", "knob", "latencies_ms", "pct"]
 
 STYLES = {"energy_weight": "o-", "budget_loss": "s-", "auto": "*", "auto_loss": "P", "dense": "D"}
+KNOBS = ("compression.params", "compression.energy", "compression.ratio", "compression.multiplier", "model.widths")
 
 
 def pct(row: dict, key: str) -> str:
@@ -26,8 +27,8 @@ def pct(row: dict, key: str) -> str:
 
 
 def knob(row: dict) -> str:
-    """The policy knob among a merged row's overrides (`compression.params=…`, `compression.energy=…`), or ""."""
-    return " ".join(o for o in row["run"].split() if o.startswith(("compression.params", "compression.energy")))
+    """The policy knob among a merged row's overrides (`compression.params=…`, `model.widths=…`, …), or ""."""
+    return " ".join(o for o in row["run"].split() if o.startswith(KNOBS))
 
 
 def latencies_ms(checkpoints: list[str]) -> dict[str, float]:

@@ -134,3 +134,21 @@ def test_quick_allocation_table_compares_at_equal_parameters(written: set[str]) 
         # every GlobalBudget keeps the same share; uniform rank is the smallest rank with at least as many
         assert by[("GlobalBudget, weight", budget)] <= by[("dense", "1")] * float(budget) + 1024
         assert loss <= by[("uniform rank", budget)] <= loss * 1.1
+
+
+def test_bench_recipes_only_runs_the_studies_named_and_refuses_others() -> None:
+    from benchmarks.bench_recipes import CURVE_STUDIES, _only
+
+    chosen = _only(CURVE_STUDIES, "budget_loss, energy_weight")
+    assert list(chosen) == ["budget_loss", "energy_weight"] and chosen["budget_loss"] == CURVE_STUDIES["budget_loss"]
+    with pytest.raises(SystemExit, match=r"--only 'nope': not studies of this set; it has energy_weight, budget_loss"):
+        _only(CURVE_STUDIES, "nope")
+
+
+def test_the_curves_figure_labels_every_contenders_knob() -> None:
+    from benchmarks.recipe_curves import knob
+
+    row = {"run": "recipe=mnist1d_auto compression=none model.widths=[90,90,90]"}
+    assert knob(row) == "model.widths=[90,90,90]"
+    assert knob({"run": "trigger=epoch compression=ratio compression.ratio=0.06"}) == "compression.ratio=0.06"
+    assert knob({"run": "compression=stable_rank compression.multiplier=0.5"}) == "compression.multiplier=0.5"

@@ -67,6 +67,7 @@ def test_config_tree_ships_with_the_package() -> None:
         "fixed",
         "ladder",
         "none",
+        "ratio",
         "stable_rank",
         "uniform",
         "uniform_floor",

@@ -125,6 +125,28 @@ def test_rungs_are_kept_within_the_drop_in_the_monitors_direction() -> None:
     assert ladder.passes(2.05) and not ladder.passes(2.2)
 
 
+def test_the_bar_rises_to_a_kept_rung_that_beat_the_dense_reference() -> None:
+    ladder = Ladder(max_drop=0.01)
+    ladder.start(7, 40, dense=0.80, kept=None)  # an early trigger: the dense model is still improving
+    ladder.add(7, 0.5, params=100, params_before=200)
+    assert ladder.decide(13, 0.85) and ladder.rungs[0].bar == 0.80 and ladder.bar == 0.85
+    ladder.add(13, 0.5, params=50, params_before=200)
+    # 0.835 is within a point of the dense reference but not of the kept rung: rolled back
+    assert not ladder.decide(19, 0.835) and ladder.rungs[1].bar == 0.85
+    ladder.add(19, 0.5, params=70, params_before=200)
+    assert ladder.decide(25, 0.845) and ladder.bar == 0.85  # kept, lower than the bar: the bar stays
+    restored = Ladder(max_drop=0.01)
+    restored.load_state_dict(ladder.state_dict())
+    assert [rung.bar for rung in restored.rungs] == [0.80, 0.85, 0.85] and restored.bar == 0.85
+    from lmd_lightning.callback.climb import _bar_name  # what the rung's log line names as its bar
+
+    assert [_bar_name(ladder, rung) for rung in ladder.rungs] == ["dense reference", "bar (rung 1's)", "bar (rung 1's)"]
+    loss = Ladder(max_drop=0.1, mode="min")  # mode="min": the lowest value is the bar
+    loss.start(7, 40, dense=2.0, kept=None)
+    loss.add(7, 0.5, params=100, params_before=200)
+    assert loss.decide(13, 1.5) and loss.bar == 1.5 and not loss.passes(1.65) and loss.passes(1.55)
+
+
 def test_the_positions_climb_by_steps_then_bisect_after_a_roll_back() -> None:
     ladder = Ladder(max_drop=0.01)
     ladder.start(10, 30, dense=0.9, kept=None)

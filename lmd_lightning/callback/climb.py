@@ -12,7 +12,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from lmd_lightning.callback import surgery
-from lmd_lightning.callback.ladder import Kept, Ladder
+from lmd_lightning.callback.ladder import Kept, Ladder, Rung
 from lmd_lightning.truncate.policies import RankPolicy
 from lmd_lightning.truncate.restore import restore_structure_
 from lmd_lightning.truncate.targets import undo, undo_record
@@ -92,7 +92,7 @@ class LadderSteps:
         self._info(
             f"LMDCompression ladder: rung {rung.rung} ({rung.params:,} params, {rung.smaller:.2f}× smaller) "
             f"{self.monitor} {rung.value:.4f} after fine-tuning (mean of its last {rung.averaged} validations; "
-            f"{value:.4f} now), dense reference {ladder.dense:.4f}: {rung.decision}"
+            f"{value:.4f} now), {_bar_name(ladder, rung)} {rung.bar:.4f}: {rung.decision}"
         )
         if kept:
             ladder.kept = self._keep(trainer, pl_module, rung.rung)
@@ -134,3 +134,11 @@ class LadderSteps:
         where = "the dense model" if kept.rung == 0 else f"rung {kept.rung}"
         self._info(f"LMDCompression ladder: rolled back to {where}")
         return True
+
+
+def _bar_name(ladder: Ladder, rung: Rung) -> str:
+    """What the rung was held to: the dense reference, or the value of an earlier kept rung that beat it."""
+    if rung.bar == ladder.dense:
+        return "dense reference"
+    holders = [kept.rung for kept in ladder.rungs if kept.decision == "kept" and kept.value == rung.bar]
+    return f"bar (rung {holders[0]}'s)" if holders else "bar"

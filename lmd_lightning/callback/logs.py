@@ -125,7 +125,8 @@ def log_ladder(loggers: list, step: int, ladder: Any, monitor: str) -> None:
     """rounds="auto": each decided rung's scalars to every logger, and the ladder as a TensorBoard figure.
 
     Scalars: `lmd/ladder/rung`, `lmd/ladder/params`, `lmd/ladder/<monitor>` (validated after the
-    rung's fine-tuning), `lmd/ladder/dense` and `lmd/ladder/kept` (1 kept, 0 rolled back).
+    rung's fine-tuning), `lmd/ladder/dense`, `lmd/ladder/bar` (what the rung had to hold within
+    max_drop: the dense reference or a kept rung's better value) and `lmd/ladder/kept` (1 kept, 0 rolled back).
     """
     rung = next((r for r in reversed(ladder.rungs) if r.decision != "pending"), None)
     if rung is None:
@@ -135,6 +136,7 @@ def log_ladder(loggers: list, step: int, ladder: Any, monitor: str) -> None:
         "lmd/ladder/params": float(rung.params),
         f"lmd/ladder/{monitor}": float(rung.value),
         "lmd/ladder/dense": float(ladder.dense),
+        "lmd/ladder/bar": float(rung.bar if rung.bar is not None else ladder.dense),
         "lmd/ladder/kept": float(rung.decision == "kept"),
     }
     for logger in loggers:
@@ -150,9 +152,13 @@ def ladder_figure(ladder: Any, monitor: str) -> Figure:
     fig = Figure(figsize=(5, 3.5))
     ax = fig.add_subplot()
     dense_params = decided[0].params_before if decided else 1
-    limit = ladder.dense - ladder.max_drop if ladder.mode == "max" else ladder.dense + ladder.max_drop
+    bar = ladder.bar
+    limit = bar - ladder.max_drop if ladder.mode == "max" else bar + ladder.max_drop
     ax.axhline(ladder.dense, color="gray", label="dense")
-    ax.axhline(limit, color="gray", linestyle=":", label=f"allowed (±{ladder.max_drop:g})")
+    if bar != ladder.dense:
+        ax.axhline(bar, color="C2", linestyle="--", label="bar (best kept rung)")
+    sign = "−" if ladder.mode == "max" else "+"
+    ax.axhline(limit, color="gray", linestyle=":", label=f"allowed now (bar {sign} {ladder.max_drop:g})")
     line = sorted([(dense_params, ladder.dense)] + [(r.params, r.value) for r in decided], reverse=True)
     ax.plot([params for params, _ in line], [value for _, value in line], "-", color="C0")  # by size: bisection
     # tries sizes between a kept and a rejected rung, out of order
