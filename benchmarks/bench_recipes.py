@@ -226,7 +226,8 @@ AUTO_INTRO = (
     "and a cosine schedule over 60 epochs, the ‖∇L‖ trigger (forced at epoch 26), then rounds=auto with "
     "EnergyRank(0.4) as the floor in the weight metric and max_drop 0.01. `auto_loss` is the same ladder with "
     "GlobalBudget(params=0.05) in the loss metric; `dense` trains the same MLP for all 60 epochs. The dense "
-    "reference is what each ladder's rungs were held to. The ratio is the mean of the seeds' ratios. Fit time "
+    "reference is where each ladder's bar starts (a kept rung that beats it raises the bar). "
+    "The ratio is the mean of the seeds' ratios. Fit time "
     "is `trainer.fit`'s wall time on this machine (training, compression, validation). `ladder from epoch` "
     "lists each seed's rung epochs.\n\n"
 )
