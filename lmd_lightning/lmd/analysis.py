@@ -27,15 +27,9 @@ from torch import Tensor, nn
 from lmd_lightning.checks import check_int, check_module
 from lmd_lightning.layers.base import FactoredModule
 from lmd_lightning.layers.svd import singular_values
+from lmd_lightning.truncate.budget import GlobalBudget
 from lmd_lightning.truncate.calibration import Calibration, DataMetric, layer_rows, layer_weight
-from lmd_lightning.truncate.policies import (
-    EffectiveRank,
-    EnergyRank,
-    ErrorBound,
-    GlobalBudget,
-    LayerSpectrum,
-    RankPolicy,
-)
+from lmd_lightning.truncate.policies import EffectiveRank, EnergyRank, ErrorBound, LayerSpectrum, RankPolicy
 from lmd_lightning.truncate.targets import FilterFn, Patterns, find_targets
 
 __all__ = [

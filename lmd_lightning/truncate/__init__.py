@@ -2,6 +2,7 @@
 report, data-metric calibration, and metric maps on a whole model. Torch only; builds on `layers`.
 """
 
+from lmd_lightning.truncate.budget import GlobalBudget, UniformRank
 from lmd_lightning.truncate.calibration import DataMetric
 from lmd_lightning.truncate.check import ModelCheckError
 from lmd_lightning.truncate.compress import compress_
@@ -12,11 +13,9 @@ from lmd_lightning.truncate.policies import (
     EnergyRank,
     ErrorBound,
     FixedRank,
-    GlobalBudget,
     RankPolicy,
     RankRatio,
     StableRank,
-    UniformRank,
 )
 from lmd_lightning.truncate.report import CompressionReport, LayerReport
 from lmd_lightning.truncate.restore import restore_factored_
