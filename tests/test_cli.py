@@ -91,6 +91,30 @@ def test_dense_baseline_and_csv_logger(tmp_path: Path) -> None:
     assert {"val_acc", "val_loss", "epoch"} <= set(header)
 
 
+def test_model_pruning_baseline_through_extra_callbacks(tmp_path: Path) -> None:
+    """+callbacks=pruning adds Lightning's ModelPruning: 3/4 of the weights zeroed at epoch 0's end, kept at zero."""
+    results = run_train(
+        tmp_path,
+        "data=synthetic",
+        "compression=none",
+        "logger=none",
+        "+callbacks=pruning",
+        "callbacks.pruning.amount=0.75",
+        "callbacks.pruning.apply_pruning._args_=[0]",
+    )
+    state = torch.load(results["checkpoint"], weights_only=False)["state_dict"]
+    weights = sum(v.numel() for k, v in state.items() if k.endswith(".weight"))
+    biases = sum(v.numel() for k, v in state.items() if k.endswith(".bias"))
+    assert results["params"] == results["params_before"] == weights + biases  # the tensors stay dense
+    assert results["nonzero_params"] == weights - round(0.75 * weights) + biases
+    assert sum(int(v.count_nonzero()) for v in state.values()) == results["nonzero_params"]  # after epoch 1 too
+
+
+def test_extra_callbacks_must_be_lightning_callbacks(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"`callbacks.odd` built a OrderedDict, not a Lightning Callback"):
+        run_train(tmp_path, "data=synthetic", "compression=none", "+callbacks.odd._target_=collections.OrderedDict")
+
+
 def test_default_epoch_criterion_through_lmd_train(tmp_path: Path) -> None:
     """The default trigger is the epoch-mean criterion; loosened for a smoke run, it fires before the forced epoch."""
     tiny = [o for o in TINY if o != "trigger=epoch"]

@@ -73,6 +73,7 @@ def test_config_tree_ships_with_the_package() -> None:
         "uniform_floor",
     ]
     assert options("trigger") == ["epoch", "grad_norm", "stable_rank"]
+    assert options("callbacks") == ["pruning"]
     assert options("trainer") == ["cpu", "ddp", "gpu"]
     assert options("logger") == ["csv", "none", "tensorboard"]
     recipes = {"mnist1d_mlp", "mnist1d_cnn", "mnist1d_transformer", "cifar10_resnet", "mnist_lenet300", "digits_mlp"}

@@ -209,7 +209,7 @@ def _fit(
     loggers = [_build("logger", cfg.logger)] if cfg.get("logger") else []
     checkpoint = _build("checkpoint", cfg.checkpoint) if cfg.get("checkpoint") else None
     record = RecordConfig(OmegaConf.to_container(cfg, resolve=False))  # model and data as _recorded merged them
-    callbacks = [c for c in (compression, checkpoint) if c is not None] + [record]
+    callbacks = [c for c in (compression, checkpoint) if c is not None] + [record] + _callbacks(cfg)
     trainer: pl.Trainer = _build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
     params_before = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
@@ -249,6 +249,20 @@ def _compression(cfg: DictConfig) -> LMDCompression | None:
     return _build("callback", cfg.callback)
 
 
+def _callbacks(cfg: DictConfig) -> list[Callback]:
+    """The `callbacks` dict's Lightning callbacks, by name (`+callbacks=pruning`, `+callbacks.NAME._target_=…`)."""
+    nodes = cfg.get("callbacks") or {}
+    if not isinstance(nodes, DictConfig):
+        raise ConfigError(f"`callbacks` must map names to callback configs, got {OmegaConf.to_yaml(nodes).strip()!r}")
+    built = []
+    for name, node in nodes.items():
+        callback = _build(f"callbacks.{name}", node)
+        if not isinstance(callback, Callback):
+            raise ConfigError(f"`callbacks.{name}` built a {type(callback).__name__}, not a Lightning Callback")
+        built.append(callback)
+    return built
+
+
 def _results(
     cfg: DictConfig,
     model: pl.LightningModule,
@@ -262,6 +276,7 @@ def _results(
         "task": cfg.task_name,
         "params_before": params_before,
         "params": sum(p.numel() for p in model.parameters()),
+        "nonzero_params": sum(int(p.count_nonzero()) for p in model.parameters()),  # what pruning leaves
         **metrics,
         "checkpoint": (checkpoint.best_model_path or None) if checkpoint is not None else None,
         "log_dir": loggers[0].log_dir if loggers else None,
@@ -317,6 +332,9 @@ def _summarise(results: dict[str, Any], path: Path) -> None:
         print(f"{name:<26}{params:>12,}{cells}")
     ratio = results["compression_ratio"]
     print(f"\n{ratio:.2f}× fewer parameters." if ratio > 1.0 else "\nThe parameter count did not change.")
+    nonzero = results["nonzero_params"]
+    if nonzero < results["params"]:
+        print(f"{nonzero:,} of them are nonzero ({results['params'] / max(nonzero, 1):.2f}× fewer).")
     if results.get("failure"):
         print(f"Compression was abandoned: {results['failure']}")
     if results["log_dir"]:
