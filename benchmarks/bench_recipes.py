@@ -107,6 +107,7 @@ measurement, whose code path did not change.)
 """
 ONE_SHOT = ("recipe=mnist1d_auto", "callback.rounds=1", "callback.guard.max_drop=null")
 WIDE = ("recipe=mnist1d_auto", "model.widths=[1024,1024,1024]")
+PUFFERFISH = (*ONE_SHOT, "trigger=epoch", "callback.min_epochs=16", "compression=ratio")
 MLP1024_STUDIES = {  # --set mlp1024: the default recipe on the issue's MLP-1024 (40-1024-1024-1024-10)
     "auto": WIDE,
     "dense": (*WIDE, "compression=none"),
@@ -148,6 +149,39 @@ ladder (recipes_auto.md) reached 5.90× at 84.8 ± 0.3 without the sweep, on Ene
 CURVE_STUDIES = {  # --set curves: one-shot policies swept over their knob on mnist1d_auto's data and schedule
     "energy_weight": (*ONE_SHOT, "compression=energy", "compression.energy=0.5,0.6,0.7,0.8", "metric=weight"),
     "budget_loss": (*ONE_SHOT, "compression=budget", "compression.params=0.5,0.25,0.125,0.06", "metric=loss"),
+    "uniform_weight": (*ONE_SHOT, "compression=uniform", "compression.params=0.5,0.25,0.125,0.06", "metric=weight"),
+    # Pufferfish (Wang et al., 2021): a fixed share of each layer's rank, switched at 80/300 of the epochs
+    # (16 of 60), the first layer left dense as in its hybrid networks; ratio_all_layers cuts it too
+    "pufferfish": (
+        *PUFFERFISH,
+        "compression.ratio=0.25,0.125,0.06,0.03",
+        'callback.exclude=[net.fc1,"*head"]',
+        "metric=weight",
+    ),
+    "ratio_all_layers": (*PUFFERFISH, "compression.ratio=0.25,0.125,0.06,0.03", "metric=weight"),
+    # Cuttlefish (Wang et al., 2023): the switch when every layer's stable rank settles, ranks from it
+    "cuttlefish": (
+        *ONE_SHOT,
+        "trigger=stable_rank",
+        "compression=stable_rank",
+        "compression.multiplier=1.0,0.5,0.25,0.125",
+        "metric=weight",
+    ),
+    # Lightning's ModelPruning: global L1 of every weight (the head too) at the end of epoch 21, where the
+    # trigger fires; counted by its nonzero weights, timed as the dense tensors it leaves
+    "pruning": (
+        "recipe=mnist1d_auto",
+        "compression=none",
+        "+callbacks=pruning",
+        "callbacks.pruning.amount=0.5,0.75,0.875,0.94",
+        "callbacks.pruning.apply_pruning._args_=[21]",
+    ),
+    # a dense MLP trained from scratch at about 3.8x, 7.4x, 13.9x and 26x fewer parameters than 3x512
+    "small_dense": (
+        "recipe=mnist1d_auto",
+        "compression=none",
+        "model.widths=[256,256,256],[180,180,180],[128,128,128],[90,90,90]",
+    ),
 }
 COLUMNS = ("params", "compression_ratio", "monitor_before", "monitor_after_truncation", "val_acc", "test_acc")
 
@@ -199,13 +233,24 @@ def auto_table(out: Path, studies: dict[str, tuple[str, ...]] | None = None) -> 
     return "\n".join(lines)
 
 
+def curve_rows(out: Path) -> dict[str, list[dict]]:
+    """Each curve study's runs, with `params` what a model keeps (pruning: its nonzero weights) and the ratio
+    taken against the widest model's parameters, so that a small dense MLP has its ratio to the 3×512."""
+    series = {folder: collect(out / folder)[0] for folder in CURVE_STUDIES}
+    reference = max(row["params_before"] for rows in series.values() for row in rows)
+    for folder, rows in series.items():
+        for row in rows:
+            row["params"] = row["nonzero_params"] if folder == "pruning" else row["params"]
+            row["compression_ratio"] = reference / row["params"]
+    return series
+
+
 def curve_table(out: Path) -> str:
     lines = [
         "| study | run | seeds | params | ratio | val acc, final | test acc, final |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for folder in CURVE_STUDIES:
-        rows, _ = collect(out / folder)
+    for folder, rows in curve_rows(out).items():
         for row in over_seeds(rows):
             lines.append(
                 f"| {folder} | {knob(row)} | {row['seeds']} | {row['params']:,} | {row['compression_ratio']:.2f}× "
@@ -250,7 +295,7 @@ def _curves_body(out: Path, auto: Path) -> str:
     if not auto.is_dir():
         return body + f"\n(No figure: the `--set auto` runs were not found in {auto}; pass --auto-out.)\n"
     figure = RESULTS / "figures" / "mnist1d_auto_curves.png"
-    series = {folder: collect(out / folder)[0] for folder in CURVE_STUDIES}
+    series = curve_rows(out)
     series.update({folder: collect(auto / folder)[0] for folder in AUTO_STUDIES})
     latency = curve_figure(series, figure, "mnist1d_auto: one-shot curves, the ladders and dense")
     return (

@@ -14,8 +14,27 @@ from lmd_lightning.cli.tradeoff import over_seeds, seed_group
 
 __all__ = ["curve_figure", "knob", "latencies_ms", "pct"]
 
-STYLES = {"energy_weight": "o-", "budget_loss": "s-", "auto": "*", "auto_loss": "P", "dense": "D"}
-KNOBS = ("compression.params", "compression.energy", "compression.ratio", "compression.multiplier", "model.widths")
+STYLES = {  # one marker per study; lines join a contender's knob settings
+    "energy_weight": "o-",
+    "budget_loss": "s-",
+    "uniform_weight": "v-",
+    "pufferfish": "<-",
+    "ratio_all_layers": ">:",
+    "cuttlefish": "p-",
+    "pruning": "x--",
+    "small_dense": "h--",
+    "auto": "*",
+    "auto_loss": "P",
+    "dense": "D",
+}
+KNOBS = (
+    "compression.params",
+    "compression.energy",
+    "compression.ratio",
+    "compression.multiplier",
+    "model.widths",
+    "callbacks.pruning.amount",
+)
 
 
 def pct(row: dict, key: str) -> str:

@@ -4,6 +4,9 @@ Timings are never asserted; sizes, counts and the tables' structure are."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from benchmarks import bench_charlm, bench_quality, bench_zoo, run
@@ -141,7 +144,9 @@ def test_bench_recipes_only_runs_the_studies_named_and_refuses_others() -> None:
 
     chosen = _only(CURVE_STUDIES, "budget_loss, energy_weight")
     assert list(chosen) == ["budget_loss", "energy_weight"] and chosen["budget_loss"] == CURVE_STUDIES["budget_loss"]
-    with pytest.raises(SystemExit, match=r"--only 'nope': not studies of this set; it has energy_weight, budget_loss"):
+    with pytest.raises(
+        SystemExit, match=r"--only 'nope': not studies of this set; it has energy_weight, budget_loss, "
+    ):
         _only(CURVE_STUDIES, "nope")
 
 
@@ -152,3 +157,22 @@ def test_the_curves_figure_labels_every_contenders_knob() -> None:
     assert knob(row) == "model.widths=[90,90,90]"
     assert knob({"run": "trigger=epoch compression=ratio compression.ratio=0.06"}) == "compression.ratio=0.06"
     assert knob({"run": "compression=stable_rank compression.multiplier=0.5"}) == "compression.multiplier=0.5"
+    assert knob({"run": "+callbacks=pruning callbacks.pruning.amount=0.75"}) == "callbacks.pruning.amount=0.75"
+
+
+def test_curve_rows_count_what_each_model_keeps_against_the_widest(tmp_path: Path) -> None:
+    """Pruned runs count their nonzero weights; every ratio is to the 3×512's parameters, small dense ones too."""
+    from benchmarks.bench_recipes import CURVE_STUDIES, curve_rows
+
+    own = {"small_dense": (137_000, 137_000, 137_000), "pruning": (551_434, 551_434, 139_018)}
+    for folder in CURVE_STUDIES:
+        before, params, nonzero = own.get(folder, (551_434, 110_000, 109_990))
+        (tmp_path / folder / "0").mkdir(parents=True)
+        row = {"params_before": before, "params": params, "nonzero_params": nonzero, "val_acc": 0.8}
+        (tmp_path / folder / "0" / "results.json").write_text(json.dumps(row))
+    series = curve_rows(tmp_path)
+    assert list(series) == list(CURVE_STUDIES)
+    (pruned,), (small,), (energy,) = series["pruning"], series["small_dense"], series["energy_weight"]
+    assert pruned["params"] == 139_018 and pruned["compression_ratio"] == pytest.approx(551_434 / 139_018)
+    assert small["compression_ratio"] == pytest.approx(551_434 / 137_000)
+    assert energy["params"] == 110_000 and energy["compression_ratio"] == pytest.approx(551_434 / 110_000)
