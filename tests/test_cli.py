@@ -111,6 +111,12 @@ def test_model_pruning_baseline_through_extra_callbacks(tmp_path: Path) -> None:
 
 
 def test_extra_callbacks_must_be_lightning_callbacks(tmp_path: Path) -> None:
+    cfg = compose_config(overrides=(*TINY, "data=synthetic", "compression=none"), output_dir=tmp_path)
+    cfg.callbacks = [{"_target_": "pytorch_lightning.callbacks.LearningRateMonitor"}]
+    with pytest.raises(ConfigError, match=r"`callbacks` must map names to callback configs, got '- _target_: pyt"):
+        train(cfg)
+    with pytest.raises(ConfigError, match=r"`callbacks.seven`: Cannot instantiate config of type int"):
+        run_train(tmp_path, "data=synthetic", "compression=none", "+callbacks.seven=7")
     with pytest.raises(ConfigError, match=r"`callbacks.odd` built a OrderedDict, not a Lightning Callback"):
         run_train(tmp_path, "data=synthetic", "compression=none", "+callbacks.odd._target_=collections.OrderedDict")
 

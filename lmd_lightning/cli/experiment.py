@@ -251,7 +251,9 @@ def _compression(cfg: DictConfig) -> LMDCompression | None:
 
 def _callbacks(cfg: DictConfig) -> list[Callback]:
     """The `callbacks` dict's Lightning callbacks, by name (`+callbacks=pruning`, `+callbacks.NAME._target_=…`)."""
-    nodes = cfg.get("callbacks") or {}
+    nodes = cfg.get("callbacks")
+    if nodes is None:
+        return []
     if not isinstance(nodes, DictConfig):
         raise ConfigError(f"`callbacks` must map names to callback configs, got {OmegaConf.to_yaml(nodes).strip()!r}")
     built = []
