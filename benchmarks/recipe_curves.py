@@ -27,6 +27,7 @@ STYLES = {  # one marker per study; lines join a contender's knob settings
     "auto_loss": "P",
     "dense": "D",
 }
+ZOOM = 12.0  # points of accuracy the figure shows below its best setting
 KNOBS = (
     "compression.params",
     "compression.energy",
@@ -80,10 +81,12 @@ def curve_figure(series: dict[str, list[dict]], path: Path, title: str) -> str:
     timed = latencies_ms([row["checkpoint"] for rows in series.values() for row in rows])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     lines = ["| study | run | params | val acc | latency, ms |", "|---|---|---:|---:|---:|"]
+    all_y: list[float] = []
     for index, (name, rows) in enumerate(series.items()):
         merged = over_seeds(rows)
         ms = [statistics.mean(timed[r["checkpoint"]] for r in rows if seed_group(r) == row["run"]) for row in merged]
         y = [100 * row["val_acc"] for row in merged]
+        all_y.extend(y)
         err = [100 * row.get("val_acc_std", 0.0) for row in merged]
         for ax, x in zip(axes, ([row["params"] for row in merged], ms)):
             label = name if ax is axes[0] else None
@@ -91,6 +94,10 @@ def curve_figure(series: dict[str, list[dict]], path: Path, title: str) -> str:
             ax.errorbar(x, y, yerr=err, fmt=style, color=f"C{index}", capsize=3, markersize=9, label=label)
         for row, latency in zip(merged, ms):
             lines.append(f"| {name} | {knob(row) or '—'} | {row['params']:,} | {pct(row, 'val_acc')} | {latency:.3f} |")
+    lowest, highest = min(all_y), max(all_y)
+    if highest - lowest > ZOOM:  # a collapsed setting would squash the curves that matter: zoom on the top
+        axes[0].set_ylim(highest - ZOOM, highest + 1)
+        fig.text(0.5, 0.02, f"settings below {highest - ZOOM:.0f}% are off the plot; the table lists them", ha="center")
     axes[0].set_xscale("log")
     axes[0].xaxis.set_major_formatter(FuncFormatter(count_label))
     axes[0].xaxis.set_minor_formatter(FuncFormatter(count_label))
@@ -100,8 +107,8 @@ def curve_figure(series: dict[str, list[dict]], path: Path, title: str) -> str:
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{title} (up and left is better)")
-    fig.legend(loc="lower center", ncol=5, fontsize=8)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(loc="lower center", ncol=6, fontsize=8, bbox_to_anchor=(0.5, 0.045))
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
