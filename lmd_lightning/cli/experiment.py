@@ -199,6 +199,7 @@ def _fit(
 ) -> dict[str, Any]:
     """Train `model_cfg` on `data_cfg`: from `source` weights (lmd-finetune), resuming `resume` (lmd-train)."""
     compression = _compression(cfg)  # first: a bad policy fails before any data is generated
+    extra = _callbacks(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     model = _build("model", model_cfg)
     if source is not None:
@@ -209,7 +210,7 @@ def _fit(
     loggers = [_build("logger", cfg.logger)] if cfg.get("logger") else []
     checkpoint = _build("checkpoint", cfg.checkpoint) if cfg.get("checkpoint") else None
     record = RecordConfig(OmegaConf.to_container(cfg, resolve=False))  # model and data as _recorded merged them
-    callbacks = [c for c in (compression, checkpoint) if c is not None] + [record] + _callbacks(cfg)
+    callbacks = [c for c in (compression, checkpoint) if c is not None] + [record] + extra
     trainer: pl.Trainer = _build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
     params_before = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
