@@ -402,6 +402,39 @@ def test_the_ladder_bisects_on_hf_gpt2() -> None:
     assert gpt2.h[0].mlp.c_fc.rank == lmd.ranks["model.transformer.h.0.mlp.c_fc"] == round(0.625 * 32)
 
 
+def test_the_ladder_bar_rises_to_a_kept_rung_on_hf_gpt2() -> None:
+    """A GPT-2 ladder whose score peaks at RankRatio(0.75): that rung beats the dense reference and raises the
+    bar, so 0.5, within `max_drop` of dense but not of the bar, is rolled back; 0.625 clears the raised bar."""
+    import copy
+
+    from lmd_lightning import Guard
+
+    sizes = {}
+    for ratio in (0.75, 0.5, 0.625):
+        probe = copy.deepcopy(GPT2CharLM())
+        compress_(probe, RankRatio(ratio))
+        sizes[ratio] = sum(p.numel() for p in probe.parameters())
+    scores = {sizes[0.75]: 1.0, sizes[0.5]: 0.6, sizes[0.625]: 0.8}  # the dense model scores 0.5
+
+    class PeakedGPT2(GPT2CharLM):
+        def validation_step(self, batch, batch_idx):
+            super().validation_step(batch, batch_idx)
+            self.log("score", scores.get(sum(p.numel() for p in self.parameters()), 0.5))
+
+    pl.seed_everything(0, verbose=False)
+    train, val = periodic_text()
+    module = PeakedGPT2()
+    options = dict(trigger="epoch", min_epochs=2, monitor="score", guard=Guard(max_drop=0.3), rounds="auto")
+    lmd = LMDCompression(RankRatio(0.25), **options)
+    trainer(6, [lmd]).fit(module, train, val)
+    rungs = lmd.ladder
+    assert [r.setting for r in rungs] == pytest.approx([0.75, 0.5, 0.625])
+    # 0.6 passes the dense reference's 0.5 - 0.3 but not the raised bar's 1.0 - 0.3
+    assert [r.decision for r in rungs] == ["kept", "rolled back", "kept"]
+    assert [r.bar for r in rungs] == pytest.approx([0.5, 1.0, 1.0]) and lmd.dense_value == pytest.approx(0.5)
+    assert sum(p.numel() for p in module.parameters()) == sizes[0.625]
+
+
 @pytest.mark.parametrize("model", ["gpt2", "nn.Transformer"])
 def test_a_roll_back_to_dense_restores_third_party_layers(model: str) -> None:
     """restore_structure_ (the ladder's roll-back) turns factored HF Conv1D and split attention back into originals."""
