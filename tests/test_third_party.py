@@ -367,31 +367,42 @@ def test_the_ladder_climbs_on_hf_gpt2() -> None:
     assert lmd.ranks["model.transformer.h.0.mlp.c_fc"] == gpt2.h[0].mlp.c_fc.rank
 
 
-def test_the_ladder_bisects_on_hf_gpt2() -> None:
-    """A size-gated GPT-2 ladder: RankRatio 0.75 kept, 0.5 rolled back, then the half step 0.625 kept, cut from
-    the kept rung's factored HF Conv1D layers (roll-back and re-compression through a third-party model)."""
+def gpt2_sizes(*ratios: float) -> dict[float, int]:
+    """GPT2CharLM's parameter count after RankRatio(ratio), for each ratio."""
     import copy
 
-    from lmd_lightning import Guard
-
     sizes = {}
-    for ratio in (0.5, 0.625):
+    for ratio in ratios:
         probe = copy.deepcopy(GPT2CharLM())
         compress_(probe, RankRatio(ratio))
         sizes[ratio] = sum(p.numel() for p in probe.parameters())
-    threshold = (sizes[0.5] + sizes[0.625]) // 2
+    return sizes
 
-    class SizeGatedGPT2(GPT2CharLM):
+
+def scored_gpt2_ladder(score, max_drop: float) -> tuple[pl.LightningModule, LMDCompression]:
+    """A GPT-2 ladder (floor RankRatio(0.25), from epoch 2 of 6) whose monitor is `score(parameter count)`."""
+    from lmd_lightning import Guard
+
+    class ScoredGPT2(GPT2CharLM):
         def validation_step(self, batch, batch_idx):
             super().validation_step(batch, batch_idx)
-            self.log("size_score", float(sum(p.numel() for p in self.parameters()) >= threshold))
+            self.log("score", score(sum(p.numel() for p in self.parameters())))
 
     pl.seed_everything(0, verbose=False)
     train, val = periodic_text()
-    module = SizeGatedGPT2()
-    options = dict(trigger="epoch", min_epochs=2, monitor="size_score", guard=Guard(max_drop=0.5), rounds="auto")
+    module = ScoredGPT2()
+    options = dict(trigger="epoch", min_epochs=2, monitor="score", guard=Guard(max_drop=max_drop), rounds="auto")
     lmd = LMDCompression(RankRatio(0.25), **options)
     trainer(6, [lmd]).fit(module, train, val)
+    return module, lmd
+
+
+def test_the_ladder_bisects_on_hf_gpt2() -> None:
+    """A size-gated GPT-2 ladder: RankRatio 0.75 kept, 0.5 rolled back, then the half step 0.625 kept, cut from
+    the kept rung's factored HF Conv1D layers (roll-back and re-compression through a third-party model)."""
+    sizes = gpt2_sizes(0.5, 0.625)
+    threshold = (sizes[0.5] + sizes[0.625]) // 2
+    module, lmd = scored_gpt2_ladder(lambda params: float(params >= threshold), max_drop=0.5)
     rungs = lmd.ladder
     assert [r.decision for r in rungs] == ["kept", "rolled back", "kept"]
     assert [(r.at, r.of) for r in rungs] == [(1, 3), (2, 3), (3, 6)]
@@ -405,28 +416,9 @@ def test_the_ladder_bisects_on_hf_gpt2() -> None:
 def test_the_ladder_bar_rises_to_a_kept_rung_on_hf_gpt2() -> None:
     """A GPT-2 ladder whose score peaks at RankRatio(0.75): that rung beats the dense reference and raises the
     bar, so 0.5, within `max_drop` of dense but not of the bar, is rolled back; 0.625 clears the raised bar."""
-    import copy
-
-    from lmd_lightning import Guard
-
-    sizes = {}
-    for ratio in (0.75, 0.5, 0.625):
-        probe = copy.deepcopy(GPT2CharLM())
-        compress_(probe, RankRatio(ratio))
-        sizes[ratio] = sum(p.numel() for p in probe.parameters())
+    sizes = gpt2_sizes(0.75, 0.5, 0.625)
     scores = {sizes[0.75]: 1.0, sizes[0.5]: 0.6, sizes[0.625]: 0.8}  # the dense model scores 0.5
-
-    class PeakedGPT2(GPT2CharLM):
-        def validation_step(self, batch, batch_idx):
-            super().validation_step(batch, batch_idx)
-            self.log("score", scores.get(sum(p.numel() for p in self.parameters()), 0.5))
-
-    pl.seed_everything(0, verbose=False)
-    train, val = periodic_text()
-    module = PeakedGPT2()
-    options = dict(trigger="epoch", min_epochs=2, monitor="score", guard=Guard(max_drop=0.3), rounds="auto")
-    lmd = LMDCompression(RankRatio(0.25), **options)
-    trainer(6, [lmd]).fit(module, train, val)
+    module, lmd = scored_gpt2_ladder(lambda params: scores.get(params, 0.5), max_drop=0.3)
     rungs = lmd.ladder
     assert [r.setting for r in rungs] == pytest.approx([0.75, 0.5, 0.625])
     # 0.6 passes the dense reference's 0.5 - 0.3 but not the raised bar's 1.0 - 0.3
