@@ -146,8 +146,8 @@ two.**
   0.5). recipes_switch.md shows that the switch time, not the ranks, is the difference: EnergyRank(0.7)
   made at epochs 9–10 reached 85.7 at 5.72×, and the ladder started at epoch 10 reached 7.76× at 84.9.
 - **ModelPruning wins in nonzero weights, not in size or speed:** global L1 at epoch 21 kept 84.6 ± 0.7 at
-  7.85× fewer nonzero weights and 83.1 at 16×, but its dense tensors run in 1.56–1.61 ms against dense's
-  1.64 ms; the ladder's model runs in 0.40 ms.
+  7.85× fewer nonzero weights and 83.1 at 16×, but its dense tensors run a batch as fast as dense's (within
+  5% in the latency table below), where the ladder's model runs about 4× faster.
 - Level with the ladder: EnergyRank's own curve (about 84.6 at 5.9×, interpolated; 0.7 at 6.30× reached
   84.5 ± 0.4).
 - Below it: uniform rank (3.94× at 84.4, 7.69× at 83.9, about 84.1 at 5.9×), Pufferfish with its first
