@@ -162,9 +162,9 @@ def narrowed_width(model: str, target: int) -> int:
     return best * step
 
 
-def latencies(nets: dict[str, torch.nn.Module], model: str) -> dict[str, float]:
-    """Median ms per forward of a batch of LATENCY_BATCH, alternating over contenders."""
-    x = torch.randn(LATENCY_BATCH, 40)
+def latencies(nets: dict[str, torch.nn.Module], model: str, features: int = 40) -> dict[str, float]:
+    """Median ms per forward of a batch of LATENCY_BATCH inputs of `features` values, alternating over contenders."""
+    x = torch.randn(LATENCY_BATCH, features)
     times: dict[str, list[float]] = {name: [] for name in nets}
     for net in nets.values():
         net.eval()

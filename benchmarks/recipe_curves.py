@@ -51,18 +51,19 @@ def knob(row: dict) -> str:
     return " ".join(o for o in row["run"].split() if o.startswith(KNOBS))
 
 
-def latencies_ms(checkpoints: list[str]) -> dict[str, float]:
-    """Each checkpoint's model: the median ms per forward of a batch of 256, all timed in turn (bench_quality's)."""
+def latencies_ms(checkpoints: list[str], features: int = 40) -> dict[str, float]:
+    """Each checkpoint's model: the median ms per forward of a batch of 256 inputs of `features` values, all timed
+    in turn (bench_quality's)."""
     from omegaconf import OmegaConf
 
     from benchmarks.bench_quality import latencies
     from lmd_lightning.cli.experiment import load_model
 
     nets = {path: load_model(OmegaConf.create({"ckpt_path": path}))[0] for path in checkpoints}
-    return latencies(nets, "mlp")
+    return latencies(nets, "mlp", features)
 
 
-def curve_figure(series: dict[str, list[dict]], path: Path, title: str) -> str:
+def curve_figure(series: dict[str, list[dict]], path: Path, title: str, features: int = 40) -> str:
     """Validation accuracy against parameters and against CPU latency, one line or marker per study; its table.
 
     `series` maps a study to its runs' rows (lmd-report's `collect`). Each point is the mean ± std over
@@ -78,7 +79,7 @@ def curve_figure(series: dict[str, list[dict]], path: Path, title: str) -> str:
     from benchmarks.bench_quality import LATENCY_BATCH
     from lmd_lightning.truncate.report import count_label
 
-    timed = latencies_ms([row["checkpoint"] for rows in series.values() for row in rows])
+    timed = latencies_ms([row["checkpoint"] for rows in series.values() for row in rows], features)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     lines = ["| study | run | params | val acc | latency, ms |", "|---|---|---:|---:|---:|"]
     all_y: list[float] = []

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import bench_charlm, bench_quality, bench_zoo, run
 from benchmarks.common import RESULTS
@@ -176,3 +177,30 @@ def test_curve_rows_count_what_each_model_keeps_against_the_widest(tmp_path: Pat
     assert pruned["params"] == 139_018 and pruned["compression_ratio"] == pytest.approx(551_434 / 139_018)
     assert small["compression_ratio"] == pytest.approx(551_434 / 137_000)
     assert energy["params"] == 110_000 and energy["compression_ratio"] == pytest.approx(551_434 / 110_000)
+
+
+def test_the_digits_table_counts_pruned_weights_and_lists_every_contender(tmp_path: Path) -> None:
+    """--set digits' table sizes rows as the curves do: a pruned run by its nonzero weights, ratios to the 3×512."""
+    from benchmarks.bench_recipes import DIGITS_STUDIES, table
+
+    for folder in DIGITS_STUDIES:
+        before, params, nonzero = (563_722, 563_722, 140_930) if folder == "pruning" else (563_722, 112_744, 112_744)
+        (tmp_path / folder / "0").mkdir(parents=True)
+        row = {"params_before": before, "params": params, "nonzero_params": nonzero, "val_acc": 0.97}
+        (tmp_path / folder / "0" / "results.json").write_text(json.dumps(row))
+    rows = {
+        line.split(" | ")[0].strip("| "): line for line in table(tmp_path, DIGITS_STUDIES, widest=True).splitlines()[2:]
+    }
+    assert set(rows) == set(DIGITS_STUDIES) >= {"cuttlefish", "pufferfish", "pruning", "small_dense", "uniform_weight"}
+    assert "| 140,930 | 4.00× |" in rows["pruning"]
+    assert "| 112,744 | 5.00× |" in rows["cuttlefish"]
+
+
+def test_latencies_feed_each_model_inputs_of_its_width() -> None:
+    """The digits models take 64 pixels, MNIST-1D's 40 values: each is timed on inputs it accepts."""
+    from benchmarks.bench_quality import latencies
+
+    timed = latencies({"digits": torch.nn.Linear(64, 10)}, "mlp", features=64)
+    assert list(timed) == ["digits"] and timed["digits"] > 0
+    with pytest.raises(RuntimeError):
+        latencies({"digits": torch.nn.Linear(64, 10)}, "mlp")  # 40 values into 64 inputs
