@@ -34,6 +34,8 @@ KNOBS = (
     "compression.ratio",
     "compression.multiplier",
     "model.widths",
+    "model.channels",
+    "model.dim",
     "callbacks.pruning.amount",
 )
 

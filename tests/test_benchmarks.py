@@ -204,3 +204,47 @@ def test_latencies_feed_each_model_inputs_of_its_width() -> None:
     assert list(timed) == ["digits"] and timed["digits"] > 0
     with pytest.raises(RuntimeError):
         latencies({"digits": torch.nn.Linear(64, 10)}, "mlp")  # 40 values into 64 inputs
+
+
+def _first_setting(overrides: tuple[str, ...]) -> list[str]:
+    """A study's overrides with each sweep cut to its first value (`a=1,2` → `a=1`; lists kept whole)."""
+    first = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if value.startswith("["):
+            value = value.split("],")[0] + ("]" if "]," in value else "")
+        elif "," in value:
+            value = value.split(",")[0]
+        first.append(f"{key}={value}")
+    return first
+
+
+@pytest.mark.parametrize("studies_name", ["CNN_STUDIES"])
+def test_the_contender_sets_compose_and_name_real_layers(studies_name: str) -> None:
+    """Every study of --set cnn and --set transformer composes; Pufferfish's dense first layer is a module of the model;
+    the small dense models are smaller; the one-shot cuts are one round without the guard, the ladders are not."""
+    import fnmatch
+
+    from hydra.utils import instantiate
+
+    from benchmarks import bench_recipes
+    from tests.test_configs import compose_config
+
+    studies = getattr(bench_recipes, studies_name)
+    assert set(studies) >= {"dense", "auto", "pufferfish", "cuttlefish", "pruning", "small_dense", "uniform_weight"}
+    sizes = {}
+    for name, overrides in studies.items():
+        cfg = compose_config(overrides=tuple(_first_setting(overrides)))
+        model = instantiate(cfg.model)
+        sizes[name] = sum(p.numel() for p in model.parameters())
+        modules = {n for n, _ in model.named_modules()}
+        excluded = cfg.callback.exclude
+        for pattern in [excluded] if isinstance(excluded, str) else list(excluded):
+            assert fnmatch.filter(modules, pattern), f"{name}: exclude {pattern!r} matches no module"
+        if name.startswith("auto"):
+            assert cfg.callback.rounds == "auto" and cfg.callback.guard.max_drop == 0.01
+        elif name not in ("dense", "pruning", "small_dense"):
+            assert cfg.callback.rounds == 1 and cfg.callback.guard.max_drop is None, name
+        else:
+            assert cfg.compression is None, name  # trained dense: the baselines
+    assert sizes["pufferfish"] == sizes["dense"] and sizes["small_dense"] < sizes["dense"] / 1.9
