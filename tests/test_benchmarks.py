@@ -219,7 +219,7 @@ def _first_setting(overrides: tuple[str, ...]) -> list[str]:
     return first
 
 
-@pytest.mark.parametrize("studies_name", ["CNN_STUDIES"])
+@pytest.mark.parametrize("studies_name", ["CNN_STUDIES", "TRANSFORMER_STUDIES"])
 def test_the_contender_sets_compose_and_name_real_layers(studies_name: str) -> None:
     """Every study of --set cnn and --set transformer composes; Pufferfish's dense first layer is a module of the model;
     the small dense models are smaller; the one-shot cuts are one round without the guard, the ladders are not."""
@@ -228,6 +228,7 @@ def test_the_contender_sets_compose_and_name_real_layers(studies_name: str) -> N
     from hydra.utils import instantiate
 
     from benchmarks import bench_recipes
+    from benchmarks.recipe_curves import knob
     from tests.test_configs import compose_config
 
     studies = getattr(bench_recipes, studies_name)
@@ -248,3 +249,5 @@ def test_the_contender_sets_compose_and_name_real_layers(studies_name: str) -> N
         else:
             assert cfg.compression is None, name  # trained dense: the baselines
     assert sizes["pufferfish"] == sizes["dense"] and sizes["small_dense"] < sizes["dense"] / 1.9
+    small = _first_setting(studies["small_dense"])
+    assert knob({"run": " ".join(small)}) == small[-1]  # the latency table names each small model by its size
